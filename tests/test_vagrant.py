@@ -12,16 +12,29 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 VAGRANTFILE = REPO / "vagrant" / "Vagrantfile"
 
-pytestmark = pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed (tools/setup installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("vagrant") is None, reason="vagrant not installed (tools/setup installs it)"
+)
 
 
 def _validate(folder: Path) -> subprocess.CompletedProcess[str]:
     # Provider blocks are skipped (-p): no VirtualBox or libvirt can run here,
     # and validating them would only test that fact.
-    env = dict(os.environ, VAGRANT_CWD=str(folder), VAGRANT_DEFAULT_PROVIDER="virtualbox",
-               VAGRANT_HOME=str(folder / ".vagrant.d"), VAGRANT_CHECKPOINT_DISABLE="1")
-    return subprocess.run(["vagrant", "validate", "-p"], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    env = dict(
+        os.environ,
+        VAGRANT_CWD=str(folder),
+        VAGRANT_DEFAULT_PROVIDER="virtualbox",
+        VAGRANT_HOME=str(folder / ".vagrant.d"),
+        VAGRANT_CHECKPOINT_DISABLE="1",
+    )
+    return subprocess.run(
+        ["vagrant", "validate", "-p"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_vagrantfile_validates(tmp_path: Path) -> None:
@@ -32,8 +45,10 @@ def test_vagrantfile_validates(tmp_path: Path) -> None:
 
 
 def test_broken_vagrantfile_is_caught(tmp_path: Path) -> None:
-    text = VAGRANTFILE.read_text().replace('config.vm.hostname = "edgeproxy-lab"',
-                                           'config.vm.hostname = "edgeproxy-lab"\n  config.vm.no_such_option = 1')
+    text = VAGRANTFILE.read_text().replace(
+        'config.vm.hostname = "edgeproxy-lab"',
+        'config.vm.hostname = "edgeproxy-lab"\n  config.vm.no_such_option = 1',
+    )
     (tmp_path / "Vagrantfile").write_text(text)
     result = _validate(tmp_path)
     assert result.returncode != 0

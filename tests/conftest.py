@@ -1,0 +1,133 @@
+"""Shared fixtures: the namespace lab, brought up once per session and always taken down.
+
+Fixtures
+- `lab_tool`: Path of `tools/lab`.
+- `lab`: a `LabHandle` for a lab that is up (session-scoped; `down` runs at the end
+  of the session even when tests fail). Skips when not root or iproute2 is missing.
+  Daemons are started when `control/edgeproxy/daemon.py` exists, unless the
+  environment sets EDGELAB_NO_DAEMONS=1.
+
+Tests marked `root` are skipped with a reason when pytest does not run as root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+LAB_TOOL = TOOLS / "lab"
+DAEMON_SOURCE = REPO / "control" / "edgeproxy" / "daemon.py"
+DEFAULT_STATE = TOOLS / "edgelab" / "state.yaml"
+LAB_UP_TIMEOUT_S = 180  # daemons may take up to 90 s to report ready
+LAB_DOWN_TIMEOUT_S = 60
+EXEC_TIMEOUT_S = 60
+
+# Tests import the lab's package (edgelab) directly for its pure parts.
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if is_root():
+        return
+    skip = pytest.mark.skip(reason="needs root (network namespaces, BPF); run as root")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_lab(*args: str, timeout: float = EXEC_TIMEOUT_S,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`tools/lab ARGS...`, output captured as text; never raises on a non-zero exit."""
+    return subprocess.run(
+        [str(LAB_TOOL), *args], capture_output=True, text=True, timeout=timeout,
+        input=input, check=False,
+    )
+
+
+@dataclass
+class LabHandle:
+    """A lab that is up. `exec` runs a command in a node's namespace."""
+
+    tool: Path
+    state_path: Path
+    daemons: bool  # whether the edgeproxy daemons were started
+
+    @property
+    def up_args(self) -> list[str]:
+        args = ["up", "--state", str(self.state_path)]
+        return args if self.daemons else [*args, "--no-daemons"]
+
+    def status(self) -> dict[str, Any]:
+        done = run_lab("status", "-o", "json")
+        assert done.returncode == 0, done.stderr
+        status: dict[str, Any] = json.loads(done.stdout)
+        return status
+
+    def exec(self, node: str, *cmd: str, timeout: float = EXEC_TIMEOUT_S,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run CMD in NODE's namespace (EDGEPROXY_INSTANCE=NODE); returns the result."""
+        return run_lab("exec", node, "--", *cmd, timeout=timeout, input=input)
+
+    def python(self, node: str, code: str,
+               timeout: float = EXEC_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        """Run Python code (the project's venv) in NODE's namespace."""
+        return self.exec(node, sys.executable, "-c", code, timeout=timeout)
+
+    def popen(self, node: str, *cmd: str, **kwargs: Any) -> subprocess.Popen[str]:
+        """Start a long-running CMD in NODE's namespace; the caller stops it.
+        (`down` also stops anything left inside lab namespaces.)"""
+        return subprocess.Popen([str(self.tool), "exec", node, "--", *cmd], text=True, **kwargs)
+
+    def machines(self) -> dict[str, dict[str, Any]]:
+        return {m["id"]: m for m in self.status()["machines"]}
+
+    def ensure_up(self) -> None:
+        """Bring the lab back (a no-op when it is up), for tests that take it down."""
+        done = run_lab(*self.up_args, timeout=LAB_UP_TIMEOUT_S)
+        assert done.returncode == 0, f"tools/lab up failed:\n{done.stdout}\n{done.stderr}"
+
+
+def _lab_skip_reason() -> str | None:
+    if not is_root():
+        return "the lab needs root (network namespaces); run pytest as root"
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed; run tools/setup"
+    return None
+
+
+@pytest.fixture(scope="session")
+def lab_tool() -> Path:
+    return LAB_TOOL
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[LabHandle]:
+    reason = _lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    daemons = DAEMON_SOURCE.exists() and os.environ.get("EDGELAB_NO_DAEMONS") != "1"
+    handle = LabHandle(LAB_TOOL, DEFAULT_STATE, daemons)
+    run_lab("down", timeout=LAB_DOWN_TIMEOUT_S)  # leftovers of an earlier, killed session
+    try:
+        done = run_lab(*handle.up_args, timeout=LAB_UP_TIMEOUT_S)
+        if done.returncode != 0:
+            pytest.fail(f"tools/lab up failed:\n{done.stdout}\n{done.stderr}", pytrace=False)
+        yield handle
+    finally:
+        run_lab("down", timeout=LAB_DOWN_TIMEOUT_S)

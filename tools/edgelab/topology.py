@@ -1,0 +1,294 @@
+"""The lab's addressing plan (docs/DESIGN.md, "The lab") as data.
+
+Which hosts exist, their roles, regions and host addresses come from the state
+file, so the state file is the one truth about the cluster; everything the lab
+adds around it (the client, links, delays, routes) is decided here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from edgelab.statefile import LabState
+
+NAMESPACE_PREFIX = "ep-"
+CLIENT = "client"
+# The client sits next to ord: its delay to an edge is ord's delay to that edge.
+CLIENT_REGION = "ord"
+# 198.18.0.2 reaches apps via the nearest edge, 198.18.0.3 via the next, ...
+CLIENT_FIRST_ADDRESS = ipaddress.IPv4Address("198.18.0.2")
+LINK_POOL = ipaddress.IPv4Network("198.18.1.0/24")
+VIP_RANGE = ipaddress.IPv4Network("198.19.0.0/16")
+CLIENT_LINK_MTU = 1500
+# An encapsulated full-size client packet must fit the backhaul unfragmented.
+BACKHAUL_MTU = 1600
+# Client source-policy tables for the second, third, ... edge (the first uses main).
+CLIENT_TABLE_BASE = 100
+IFNAME_MAX = 15
+
+# One-way delay between regions in milliseconds (issue 2 item 4). Same region is 0.
+ONE_WAY_DELAY_MS: dict[frozenset[str], int] = {
+    frozenset({"ord", "ams"}): 45,
+    frozenset({"ord", "syd"}): 95,
+    frozenset({"ams", "syd"}): 140,
+}
+
+
+class TopologyError(ValueError):
+    """The state file's hosts cannot be laid out as a lab; the message says why."""
+
+
+def one_way_delay_ms(region_a: str, region_b: str) -> int:
+    if region_a == region_b:
+        return 0
+    try:
+        return ONE_WAY_DELAY_MS[frozenset({region_a, region_b})]
+    except KeyError:
+        raise TopologyError(
+            f"no lab delay for regions {region_a}-{region_b}; add it to ONE_WAY_DELAY_MS"
+        ) from None
+
+
+def namespace_of(node: str) -> str:
+    return NAMESPACE_PREFIX + node
+
+
+def ifname_toward(peer: str) -> str:
+    """A node's interface toward `peer` is named after the peer: `to-worker-syd`."""
+    name = "to-" + peer
+    if len(name) > IFNAME_MAX:
+        raise TopologyError(f"node name {peer!r} too long for an interface name ({name})")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A point-to-point veth between two nodes with a /30 and a one-way delay."""
+
+    index: int
+    a: str
+    b: str
+    subnet: ipaddress.IPv4Network
+    delay_ms: int
+    mtu: int
+
+    @property
+    def a_address(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
+
+    @property
+    def b_address(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 2
+
+    def end(self, node: str) -> LinkEnd:
+        if node == self.a:
+            return LinkEnd(node, ifname_toward(self.b), self.a_address, self.b, self.b_address)
+        if node == self.b:
+            return LinkEnd(node, ifname_toward(self.a), self.b_address, self.a, self.a_address)
+        raise KeyError(f"{node} is not on link {self.a}-{self.b}")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEnd:
+    node: str
+    ifname: str
+    address: ipaddress.IPv4Address
+    peer: str
+    peer_address: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    destination: str  # prefix, e.g. "198.18.64.0/24"
+    via: str
+    dev: str
+    src: str
+    table: int | None = None  # None = main
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Source policy routing: traffic from `source` looks up `table`."""
+
+    source: str
+    table: int
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    role: str  # client | edge | worker
+    region: str
+    host_addresses: tuple[str, ...]
+    # Extra addresses on lo: on edges, the HTTP apps' shared addresses.
+    local_app_addresses: tuple[str, ...] = ()
+    machine_subnets: tuple[str, ...] = ()
+
+    @property
+    def namespace(self) -> str:
+        return namespace_of(self.name)
+
+    @property
+    def forwards(self) -> bool:
+        return self.role != "client"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    nodes: tuple[Node, ...]
+    links: tuple[Link, ...]
+    routes: dict[str, tuple[Route, ...]] = field(default_factory=dict)
+    rules: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def links_of(self, node: str) -> tuple[Link, ...]:
+        return tuple(link for link in self.links if node in (link.a, link.b))
+
+    def interfaces_of(self, node: str) -> tuple[str, ...]:
+        return tuple(link.end(node).ifname for link in self.links_of(node))
+
+    def link_between(self, a: str, b: str) -> Link:
+        for link in self.links:
+            if {link.a, link.b} == {a, b}:
+                return link
+        raise KeyError(f"no link {a}-{b}")
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        return tuple(node.namespace for node in self.nodes)
+
+
+def _http_app_addresses(state: LabState) -> tuple[str, ...]:
+    addresses: list[str] = []
+    for app in state.apps:
+        if any(s.is_http for s in state.services_of(app.name)):
+            addresses.extend(a for a in app.addresses if a not in addresses)
+    return tuple(addresses)
+
+
+def _machine_subnets(state: LabState, host: str) -> tuple[str, ...]:
+    subnets: list[str] = []
+    for machine in state.machines:
+        if machine.host == host:
+            subnet = str(ipaddress.IPv4Network(f"{machine.address}/24", strict=False))
+            if subnet not in subnets:
+                subnets.append(subnet)
+    return tuple(subnets)
+
+
+def _edges_nearest_first(state: LabState) -> list[str]:
+    edges = [h for h in state.hosts if h.role in ("edge", "both")]
+    edges.sort(key=lambda h: one_way_delay_ms(CLIENT_REGION, h.region))
+    return [h.id for h in edges]
+
+
+def _nodes(state: LabState, edges: list[str]) -> tuple[Node, ...]:
+    client_addresses = tuple(str(CLIENT_FIRST_ADDRESS + i) for i in range(len(edges)))
+    nodes = [Node(CLIENT, "client", CLIENT_REGION, client_addresses)]
+    shared = _http_app_addresses(state)
+    for edge in edges:
+        host = state.host(edge)
+        nodes.append(Node(host.id, "edge", host.region, (host.address,), shared))
+    for host in state.hosts:
+        if host.role == "worker":
+            subnets = _machine_subnets(state, host.id)
+            nodes.append(Node(host.id, "worker", host.region, (host.address,), (), subnets))
+    return tuple(nodes)
+
+
+def _links(nodes: tuple[Node, ...]) -> tuple[Link, ...]:
+    edges = [n for n in nodes if n.role == "edge"]
+    workers = [n for n in nodes if n.role == "worker"]
+    client = nodes[0]
+    pairs = [(client, e, CLIENT_LINK_MTU) for e in edges]
+    pairs += [(e, w, BACKHAUL_MTU) for e in edges for w in workers]
+    subnets = LINK_POOL.subnets(new_prefix=30)
+    links = []
+    for index, (a, b, mtu) in enumerate(pairs):
+        try:
+            subnet = next(subnets)
+        except StopIteration:
+            raise TopologyError(f"more links than /30s in {LINK_POOL}") from None
+        links.append(Link(index, a.name, b.name, subnet, one_way_delay_ms(a.region, b.region), mtu))
+    return tuple(links)
+
+
+def _client_routes(
+    nodes: tuple[Node, ...], topo_links: tuple[Link, ...]
+) -> tuple[tuple[Route, ...], tuple[Rule, ...]]:
+    """Each client address reaches every lab destination through its own edge."""
+    client = nodes[0]
+    edges = [n for n in nodes if n.role == "edge"]
+    workers = [n for n in nodes if n.role == "worker"]
+    everywhere = [str(VIP_RANGE)]
+    everywhere += [s for w in workers for s in w.machine_subnets]
+    everywhere += [f"{w.host_addresses[0]}/32" for w in workers]
+    routes: list[Route] = []
+    rules: list[Rule] = []
+    for i, (edge, source) in enumerate(zip(edges, client.host_addresses, strict=True)):
+        end = next(lk for lk in topo_links if {lk.a, lk.b} == {client.name, edge.name}).end(
+            client.name
+        )
+        table = None if i == 0 else CLIENT_TABLE_BASE + i
+        if table is not None:
+            rules.append(Rule(source, table))
+        via, dev = str(end.peer_address), end.ifname
+        routes.extend(Route(dst, via, dev, source, table) for dst in everywhere)
+        # Each edge's own address is always reached over its own link.
+        routes.append(Route(f"{edge.host_addresses[0]}/32", via, dev, source, None))
+        if table is not None:
+            routes.append(Route(f"{edge.host_addresses[0]}/32", via, dev, source, table))
+    return tuple(routes), tuple(rules)
+
+
+def _edge_routes(node: Node, nodes: tuple[Node, ...], topo: Topology) -> tuple[Route, ...]:
+    client = nodes[0]
+    own = node.host_addresses[0]
+    to_client = topo.link_between(node.name, client.name).end(node.name)
+    routes = [
+        Route(f"{a}/32", str(to_client.peer_address), to_client.ifname, own)
+        for a in client.host_addresses
+    ]
+    for worker in (n for n in nodes if n.role == "worker"):
+        end = topo.link_between(node.name, worker.name).end(node.name)
+        dsts = [f"{worker.host_addresses[0]}/32", *worker.machine_subnets]
+        routes.extend(Route(d, str(end.peer_address), end.ifname, own) for d in dsts)
+    return tuple(routes)
+
+
+def _worker_routes(node: Node, nodes: tuple[Node, ...], topo: Topology) -> tuple[Route, ...]:
+    """Replies go back through the edge the client address uses, so paths are symmetric."""
+    client = nodes[0]
+    own = node.host_addresses[0]
+    edges = [n for n in nodes if n.role == "edge"]
+    routes: list[Route] = []
+    for edge, client_address in zip(edges, client.host_addresses, strict=True):
+        end = topo.link_between(node.name, edge.name).end(node.name)
+        for dst in (f"{edge.host_addresses[0]}/32", f"{client_address}/32"):
+            routes.append(Route(dst, str(end.peer_address), end.ifname, own))
+    return tuple(routes)
+
+
+def build_topology(state: LabState) -> Topology:
+    edges = _edges_nearest_first(state)
+    if not edges:
+        raise TopologyError("the state file has no host with role edge")
+    nodes = _nodes(state, edges)
+    topo = Topology(nodes, _links(nodes))
+    client_routes, client_rules = _client_routes(nodes, topo.links)
+    topo.routes[CLIENT] = client_routes
+    topo.rules[CLIENT] = client_rules
+    for node in nodes:
+        if node.role == "edge":
+            topo.routes[node.name] = _edge_routes(node, nodes, topo)
+        elif node.role == "worker":
+            topo.routes[node.name] = _worker_routes(node, nodes, topo)
+    for node in nodes:
+        ifname_toward(node.name)  # fail early on names that do not fit an interface
+    return topo
