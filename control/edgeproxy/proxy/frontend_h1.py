@@ -1,0 +1,286 @@
+"""HTTP/1.1 from clients: one request at a time per connection, responses in order,
+keep-alive, chunked both ways, 100-continue, WebSocket upgrades, and timeouts for
+slow clients (idle between requests, the whole head, each body read)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from edgeproxy.proxy import headers as h
+from edgeproxy.proxy.forward import (
+    ConnectionLeases,
+    Forwarder,
+    ProxyRequest,
+    ProxyResponse,
+    error_response,
+)
+from edgeproxy.proxy.framing import (
+    Data,
+    EndOfMessage,
+    HttpError,
+    RequestHead,
+    RequestParser,
+)
+from edgeproxy.proxy.upstream import ClientBodyError, SocketTunnel, UpstreamError, splice
+
+READ_SIZE = 64 * 1024
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    header: float  # first byte of a request → end of its head
+    idle: float  # keep-alive wait for the next request
+    body: float  # each read of a request body
+    tunnel_idle: float  # a WebSocket with no bytes either way
+
+
+class _ClientBody:
+    """The request body as the parser frames it, read from the socket on demand."""
+
+    def __init__(self, parser: RequestParser, reader: asyncio.StreamReader, timeout: float) -> None:
+        self._parser = parser
+        self._reader = reader
+        self._timeout = timeout
+        self.ended = False
+        self.error: HttpError | None = None
+
+    async def read(self) -> bytes:
+        while not self.ended:
+            try:
+                event = self._parser.next_event()
+            except HttpError as exc:
+                self.error = exc
+                raise ClientBodyError(exc.status, exc.reason) from exc
+            if isinstance(event, Data):
+                return event.data
+            if isinstance(event, EndOfMessage):
+                self.ended = True
+                break
+            try:
+                data = await asyncio.wait_for(self._reader.read(READ_SIZE), self._timeout)
+            except (TimeoutError, ConnectionError, OSError) as exc:
+                self.error = ClientBodyError(408, "request body timed out")
+                raise self.error from exc
+            if not data:
+                self.error = ClientBodyError(400, "client closed during the body")
+                raise self.error
+            self._parser.feed(data)
+        return b""
+
+
+def is_websocket_upgrade(head: RequestHead) -> bool:
+    upgrade = head.header(b"upgrade")
+    connection = [
+        t.strip().lower() for k, v in head.headers if k == b"connection" for t in v.split(b",")
+    ]
+    return (
+        head.method == b"GET"
+        and upgrade is not None
+        and upgrade.lower() == b"websocket"
+        and b"upgrade" in connection
+        and not head.has_body
+    )
+
+
+class H1Connection:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        forwarder: Forwarder,
+        client: h.ClientInfo,
+        local_address: str,
+        timeouts: ClientTimeouts,
+        first_bytes: bytes = b"",
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.forwarder = forwarder
+        self.client = client
+        self.local_address = local_address
+        self.timeouts = timeouts
+        self.parser = RequestParser()
+        self.parser.feed(first_bytes)
+        self.leases = ConnectionLeases()
+
+    async def serve(self) -> None:
+        try:
+            while await self._serve_one():
+                self.parser.next_request()
+        except (ConnectionError, OSError, UpstreamError, TimeoutError):
+            pass  # the client or the machine went away mid-response: just close
+        finally:
+            self.forwarder.release_connection(self.leases)
+            self.writer.close()
+
+    async def _read_head(self) -> RequestHead | None:
+        """The next request head; None when the client is gone or idle too long."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            event = self.parser.next_event()  # HttpError propagates
+            if isinstance(event, RequestHead):
+                return event
+            if self.parser.between_requests:
+                timeout = self.timeouts.idle
+            else:
+                # Slowloris: the whole head must arrive within the header timeout.
+                deadline = deadline or loop.time() + self.timeouts.header
+                timeout = deadline - loop.time()
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), max(timeout, 0))
+            except TimeoutError:
+                if not self.parser.between_requests:
+                    await self._write_error(
+                        error_response(408, h.new_request_id(), "request head timed out")
+                    )
+                return None
+            if not data:
+                return None
+            self.parser.feed(data)
+
+    async def _serve_one(self) -> bool:
+        """Serve one request; True to keep the connection for the next one."""
+        try:
+            head = await self._read_head()
+        except HttpError as exc:
+            await self._write_error(error_response(exc.status, h.new_request_id(), exc.reason))
+            return False
+        if head is None:
+            return False
+        body: _ClientBody | None = None
+        if head.has_body:
+            body = _ClientBody(self.parser, self.reader, self.timeouts.body)
+            if head.expect_continue:
+                self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            elif head.chunked:
+                try:
+                    await self._first_chunk()
+                except HttpError as exc:
+                    await self._write_error(
+                        error_response(exc.status, h.new_request_id(), exc.reason)
+                    )
+                    return False
+        else:
+            end = self.parser.next_event()
+            assert isinstance(end, EndOfMessage)
+        websocket = is_websocket_upgrade(head)
+        request = ProxyRequest(
+            method=head.method,
+            target=_origin_form(head.target),
+            authority=_authority_from_target(head.target) or head.header(b"host"),
+            headers=[(n, v) for n, v in head.headers if n != b"host"],
+            client=self.client,
+            local_address=self.local_address,
+            local_port=self.client.local_port,
+            body=body,
+            content_length=head.content_length,
+            websocket=websocket,
+        )
+        response = await self.forwarder.handle(request, self.leases)
+        try:
+            if response.tunnel is not None and websocket and response.status == 101:
+                await self._tunnel(response)
+                return False
+            keep = await self._write_response(head, response)
+        finally:
+            await response.aclose()
+        if body is not None and not body.ended:
+            return (
+                False  # part of the body is still unread: its bytes cannot be trusted as a request
+            )
+        return keep
+
+    async def _first_chunk(self) -> None:
+        """Wait (bounded) for the first chunk header, so a malformed chunked body sent
+        with its head is refused before any machine sees the request."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.body
+        while not self.parser.probe_body() and len(self.parser.buffer) < READ_SIZE:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise HttpError(408, "request body timed out")
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), remaining)
+            except TimeoutError as exc:
+                raise HttpError(408, "request body timed out") from exc
+            if not data:
+                raise HttpError(400, "client closed during the body")
+            self.parser.feed(data)
+
+    async def _write_error(self, response: ProxyResponse) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            self.writer.write(
+                _head_bytes(
+                    response.status, response.reason, [*response.headers, (b"connection", b"close")]
+                )
+            )
+            self.writer.write(await response.body.read())
+            await asyncio.wait_for(self.writer.drain(), self.timeouts.body)
+        await response.aclose()
+
+    async def _write_response(self, head: RequestHead, response: ProxyResponse) -> bool:
+        headers = list(response.headers)
+        no_body = (
+            head.method == b"HEAD" or response.status in _NO_BODY_STATUSES or response.status < 200
+        )
+        has_length = h.header_value(headers, b"content-length") is not None
+        chunked = not no_body and not has_length and head.http_version == b"1.1"
+        keep = head.keep_alive and not response.close and (no_body or has_length or chunked)
+        if chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        if not keep:
+            headers.append((b"connection", b"close"))
+        elif head.http_version == b"1.0":
+            headers.append((b"connection", b"keep-alive"))
+        self.writer.write(_head_bytes(response.status, response.reason, headers))
+        if not no_body:
+            while chunk := await response.body.read():
+                self.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await self.writer.drain()
+            if chunked:
+                self.writer.write(b"0\r\n\r\n")
+        await self.writer.drain()
+        return keep
+
+    async def _tunnel(self, response: ProxyResponse) -> None:
+        assert response.tunnel is not None
+        headers = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket"), *response.headers]
+        self.writer.write(_head_bytes(101, b"Switching Protocols", headers))
+        await self.writer.drain()
+        # Bytes the client sent right after its handshake belong to the tunnel.
+        leftover = bytes(self.parser.buffer)
+        self.parser.buffer.clear()
+        client = SocketTunnel(self.reader, self.writer, leftover)
+        await splice(client, response.tunnel, self.timeouts.tunnel_idle)
+
+
+def _authority_from_target(target: bytes) -> bytes | None:
+    for scheme in (b"http://", b"https://"):
+        if target.startswith(scheme):
+            return target[len(scheme) :].split(b"/", 1)[0] or None
+    return None
+
+
+def _origin_form(target: bytes) -> bytes:
+    """Absolute-form → origin-form: machines get the path, the authority goes to Host."""
+    if target.startswith((b"http://", b"https://")):
+        rest = target.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        return rest[slash:] if slash >= 0 else b"/"
+    return target
+
+
+def _head_bytes(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b"Unknown"
+    lines = [b"HTTP/1.1 %d %b" % (status, reason)]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"

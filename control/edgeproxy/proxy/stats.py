@@ -1,0 +1,57 @@
+"""Counters the proxy keeps for metrics; read by pulling a snapshot (nothing pushes)."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from edgeproxy.proxy.backhaul import BackhaulHealth
+
+# Response-time histogram bucket upper bounds, seconds (Prometheus-style, cumulative on read).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(slots=True)
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> tuple[tuple[float, int], ...]:
+        running, out = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySnapshot:
+    responses: Mapping[tuple[str, int], int]  # (app, status) -> count; app "" = unrouted
+    in_flight: Mapping[tuple[str, str], int]  # (app, machine_id) -> requests or connections
+    queue_depth: Mapping[str, int]  # app -> waiting requests
+    retries: Mapping[str, int]
+    replays: Mapping[str, int]
+    response_seconds: Mapping[str, tuple[tuple[float, int], ...]]  # app -> cumulative buckets
+    response_seconds_sum: Mapping[str, float]
+    backhaul: Mapping[str, BackhaulHealth]  # worker address -> health
+
+
+class ProxyCounters:
+    def __init__(self) -> None:
+        self.responses: Counter[tuple[str, int]] = Counter()
+        self.retries: Counter[str] = Counter()
+        self.replays: Counter[str] = Counter()
+        self.latency: dict[str, Histogram] = {}
+
+    def response(self, app: str, status: int, seconds: float) -> None:
+        self.responses[(app, status)] += 1
+        histogram = self.latency.get(app)
+        if histogram is None:
+            histogram = self.latency[app] = Histogram()
+        histogram.observe(seconds)
