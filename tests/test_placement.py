@@ -101,9 +101,12 @@ def test_a_service_with_no_candidates_still_has_a_table() -> None:
     assert choose(echo, {}) is None
 
 
-def test_only_edges_place() -> None:
-    with pytest.raises(ValueError, match="not edge"):
-        place(STATE, "worker-ord")
+def test_a_worker_places_from_its_own_region() -> None:
+    echo = table_of(place(STATE, "worker-syd"), "echo-tcp")
+    assert echo.tiers[0][0].region == "syd"
+
+
+def test_unknown_hosts_do_not_place() -> None:
     with pytest.raises(ValueError, match="unknown host"):
         place(STATE, "edge-fra")
 

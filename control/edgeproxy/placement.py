@@ -41,13 +41,15 @@ def _health_predicate(healthy: Health) -> Callable[[str], bool]:
     return healthy
 
 
-def edge_region(state: ClusterState, edge_host_id: str) -> str:
-    """The region of an edge host; raises ``ValueError`` for an unknown or non-edge host."""
-    host = state.hosts.get(edge_host_id)
+def host_region(state: ClusterState, host_id: str) -> str:
+    """The region of a host; raises ``ValueError`` for an unknown host.
+
+    Edges place from their region; a worker's proxy places from its own, which
+    tells it the machines it may deliver to.
+    """
+    host = state.hosts.get(host_id)
     if host is None:
-        raise ValueError(f"unknown host {edge_host_id}")
-    if not host.is_edge:
-        raise ValueError(f"host {edge_host_id} has role {host.role}, not edge")
+        raise ValueError(f"unknown host {host_id}")
     return host.region
 
 
@@ -57,7 +59,7 @@ def place(state: ClusterState, edge_host_id: str, *, healthy: Health = None) -> 
     A service with no candidate machine still gets a table (with no tiers): the data
     paths must refuse its traffic (SPEC: never a silent hang), so they must know it.
     """
-    rank = _region_rank(state, edge_region(state, edge_host_id))
+    rank = _region_rank(state, host_region(state, edge_host_id))
     is_healthy = _health_predicate(healthy)
     with gc_paused():  # hundreds of thousands of tables: see gc_paused
         return [
@@ -70,7 +72,7 @@ def place_service(
     state: ClusterState, service_id: str, edge_host_id: str, *, healthy: Health = None
 ) -> ServiceTable:
     """One service's table; for updates that touch a few apps out of very many."""
-    rank = _region_rank(state, edge_region(state, edge_host_id))
+    rank = _region_rank(state, host_region(state, edge_host_id))
     return _table(state, state.services[service_id], rank, _health_predicate(healthy))
 
 

@@ -60,7 +60,8 @@ def cmd_exec(node: str, cmd: list[str]) -> int:
         print(f"tools/lab exec: {namespace} does not exist; is the lab up?", file=sys.stderr)
         return EXEC_FAILED
     env = {**os.environ, "EDGEPROXY_INSTANCE": node}
-    os.execvpe("ip", ["ip", "netns", "exec", namespace, *cmd], env)
+    argv = netns.enter_argv(namespace, cmd)
+    os.execvpe(argv[0], argv, env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,7 +239,6 @@ def daemon_config(node: Node, topo: Topology, state_path: Path) -> dict[str, obj
         "interfaces": list(topo.interfaces_of(node.name)),
         "metrics": {"listen": DAEMON_METRICS_LISTEN},
         "ready_file": str(run / "ready"),
-        "log": str(run / "daemon.log"),
     }
 
 

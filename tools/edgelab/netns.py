@@ -118,3 +118,12 @@ def enable_gro(namespace: str, dev: str) -> None:
     """GRO turns on NAPI on a veth, which is what lets its peer XDP_TX/XDP_REDIRECT
     frames into it; the wire's veths must accept what a direct peer would."""
     run(["ip", "netns", "exec", namespace, "ethtool", "-K", dev, "gro", "on"])
+
+
+def enter_argv(namespace: str, argv: list[str]) -> list[str]:
+    """argv run inside `namespace`'s network only (nsenter execs it: same pid).
+
+    Not `ip netns exec`: that also gives the command a fresh /sys, where bpffs is
+    not mounted, so pinned maps under /sys/fs/bpf would be out of its reach.
+    """
+    return ["nsenter", f"--net=/run/netns/{namespace}", "--", *argv]

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgelab import netns
+
 TERM_GRACE_S = 5.0
 KILL_GRACE_S = 2.0
 POLL_S = 0.05
@@ -60,12 +62,12 @@ def is_alive(process: LabProcess) -> bool:
 def spawn_in_namespace(
     namespace: str, argv: list[str], log: Path, env: Mapping[str, str]
 ) -> subprocess.Popen[bytes]:
-    """Start argv inside `namespace` (`ip netns exec` execs it: same pid), detached
-    from our session so it outlives `tools/lab up`."""
+    """Start argv inside `namespace` (see netns.enter_argv), detached from our
+    session so it outlives `tools/lab up`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         return subprocess.Popen(
-            ["ip", "netns", "exec", namespace, *argv],
+            netns.enter_argv(namespace, argv),
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, **env}, start_new_session=True,
         )

@@ -1,0 +1,91 @@
+"""The daemon's own configuration (not cluster state): who am I, where do I read
+state from, which interfaces carry traffic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("edge", "worker", "both")
+_FIELDS = {
+    "instance", "role", "host_id", "state", "interfaces", "metrics", "ready_file",
+    "refuse", "idle_timeout_s", "resync_interval_s",
+}
+
+
+class ConfigError(ValueError):
+    """A daemon config that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    instance: str
+    role: str
+    host_id: str
+    state: Mapping[str, Any]
+    interfaces: tuple[str, ...] = ()
+    metrics_listen: str = "127.0.0.1:9109"
+    ready_file: Path | None = None
+    refuse: str = "rst"  # "rst" | "drop": what a full service does to a new connection
+    idle_timeout_s: float = 300.0
+    resync_interval_s: float = 1.0
+
+    @property
+    def is_edge(self) -> bool:
+        return self.role in ("edge", "both")
+
+    @property
+    def is_worker(self) -> bool:
+        return self.role in ("worker", "both")
+
+
+def _require(data: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in data:
+        raise ConfigError(f"{name}: required")
+    value = data[name]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def parse_config(data: object) -> DaemonConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError("config: expected a mapping at the top level")
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown field")
+    role = _require(data, "role", str)
+    if role not in ROLES:
+        raise ConfigError(f"role: {role!r} is not one of {', '.join(ROLES)}")
+    refuse = data.get("refuse", "rst")
+    if refuse not in ("rst", "drop"):
+        raise ConfigError(f"refuse: {refuse!r} is not rst or drop")
+    interfaces = data.get("interfaces", [])
+    if not isinstance(interfaces, list) or not all(isinstance(i, str) for i in interfaces):
+        raise ConfigError("interfaces: expected a list of interface names")
+    metrics = data.get("metrics", {}) or {}
+    ready = data.get("ready_file")
+    return DaemonConfig(
+        instance=_require(data, "instance", str),
+        role=role,
+        host_id=_require(data, "host_id", str),
+        state=_require(data, "state", Mapping),
+        interfaces=tuple(interfaces),
+        metrics_listen=str(metrics.get("listen", "127.0.0.1:9109")),
+        ready_file=Path(ready) if ready else None,
+        refuse=refuse,
+        idle_timeout_s=float(data.get("idle_timeout_s", 300.0)),
+        resync_interval_s=float(data.get("resync_interval_s", 1.0)),
+    )
+
+
+def load_config(path: Path) -> DaemonConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_config(data)

@@ -1,0 +1,175 @@
+"""The edgeproxy daemon: follow cluster state, keep the data paths in step.
+
+One loop per concern, all feeding one ``apply()``:
+
+    state source ─┐
+    health checks ┼─> placement ─> kernel maps (edge) + HTTP proxy tables
+    (periodic)   ─┘
+                      idle sweep of the kernel's flow table
+
+The kernel data plane outlives the daemon: stopping it leaves programs attached
+and maps pinned, and the next start adopts them (``Dataplane.load``).
+
+Run as ``python -m edgeproxy.daemon --config FILE`` (or ``edgectl run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, DaemonConfig, load_config
+from .dataplane import Dataplane, DataplaneConfig
+from .placement import place
+from .proxy import HttpProxy, new_event_loop
+from .routing import ServiceTable
+from .sources import StateSource, make_source
+from .state import ClusterState, Host
+
+log = logging.getLogger("edgeproxy.daemon")
+
+
+def hostnames_of(state: ClusterState) -> dict[str, str]:
+    """Host header -> app name, for the HTTP proxy's routing."""
+    return {name: app.name for app in state.apps.values() for name in app.hostnames}
+
+
+class Daemon:
+    """Owns the state source, the kernel data plane and the HTTP proxy of one host."""
+
+    def __init__(self, config: DaemonConfig, source: StateSource) -> None:
+        self.config = config
+        self.source = source
+        self.state = source.current()
+        self.host = self._own_host(self.state)
+        self.dataplane = self._dataplane_for(self.host)
+        self.proxy = HttpProxy(
+            role=config.role, region=self.host.region, host_addresses=[str(self.host.address)]
+        )
+        self.tables: list[ServiceTable] = []
+        self.applied = 0
+        self._lock = asyncio.Lock()  # one map writer at a time: sync and sweep
+
+    def _own_host(self, state: ClusterState) -> Host:
+        host = state.hosts.get(self.config.host_id)
+        if host is None:
+            raise ConfigError(f"host_id: {self.config.host_id!r} is not a host in the state")
+        if host.role != self.config.role:
+            raise ConfigError(
+                f"role: config says {self.config.role}, the state says {host.id} is {host.role}"
+            )
+        return host
+
+    def _dataplane_for(self, host: Host) -> Dataplane | None:
+        if host.role == "both":
+            # One XDP program per interface: a combined edge+worker program does not exist yet.
+            log.warning("role both: kernel fast path not loaded; HTTP only")
+            return None
+        return Dataplane(
+            DataplaneConfig(
+                instance=self.config.instance,
+                role="edge" if host.role == "edge" else "worker",
+                host_address=host.address,
+                interfaces=self.config.interfaces,
+                refuse_with_rst=self.config.refuse == "rst",
+                idle_timeout=self.config.idle_timeout_s,
+            )
+        )
+
+    async def start(self) -> None:
+        if self.dataplane is not None:
+            await asyncio.to_thread(self.dataplane.load)
+        await self.apply(self.state)
+        await self.proxy.start()
+        await self.proxy.sync_listeners()
+        if self.config.ready_file is not None:
+            self.config.ready_file.write_text(f"{self.applied}\n")
+        log.info("ready: %d services, role %s", len(self.tables), self.config.role)
+
+    async def apply(self, state: ClusterState) -> None:
+        """Place every service from this host's view and hand the tables to both paths."""
+        self.state = state
+        tables = place(state, self.host.id)
+        async with self._lock:
+            if self.dataplane is not None and self.config.is_edge:
+                result = await asyncio.to_thread(self.dataplane.sync, tables)
+                log.info("kernel maps synced: %s", result)
+        self.proxy.update(tables, hostnames_of(state))
+        self.tables = tables
+        self.applied += 1
+
+    async def follow_state(self) -> None:
+        async for state in self.source.watch():
+            log.info("state version %s", state.version)
+            await self.apply(state)
+
+    async def sweep_idle_flows(self, dataplane: Dataplane) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_interval_s)
+            async with self._lock:
+                await asyncio.to_thread(dataplane.sweep, self.config.idle_timeout_s)
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """The daemon's endless loops; one ending (by error) stops the daemon."""
+        loops = [self.follow_state()]
+        if self.dataplane is not None and self.config.is_edge:
+            loops.append(self.sweep_idle_flows(self.dataplane))
+        return loops
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+        self.source.close()
+        if self.dataplane is not None:
+            self.dataplane.close()  # fds only: programs stay attached, maps pinned
+
+
+async def serve(config: DaemonConfig, stopping: asyncio.Event) -> None:
+    daemon = Daemon(config, make_source(config.state))
+    await daemon.start()
+    tasks = [asyncio.create_task(loop) for loop in daemon.loops()]
+    waiter = asyncio.create_task(stopping.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter:
+                task.result()  # re-raises the loop's error
+                raise RuntimeError("a daemon loop ended")
+    finally:
+        for task in [*tasks, waiter]:
+            task.cancel()
+        await asyncio.gather(*tasks, waiter, return_exceptions=True)
+        await daemon.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgeproxy.daemon", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="daemon config YAML")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edgeproxy: bad config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    loop = new_event_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        loop.run_until_complete(serve(config, stopping))
+    except (ConfigError, ValueError) as exc:
+        print(f"edgeproxy: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
