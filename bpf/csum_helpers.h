@@ -1,0 +1,48 @@
+/* csum_helpers.h - Internet checksum arithmetic on raw (network order) words.
+ *
+ * One's-complement sums do not care about byte order as long as every word is
+ * taken the same way, so values are used exactly as loaded from the packet. */
+#ifndef EDGEPROXY_CSUM_HELPERS_H
+#define EDGEPROXY_CSUM_HELPERS_H
+
+static __always_inline __u16 ep_csum_fold(__u64 sum)
+{
+    /* three folds are enough for any sum of < 2^32 words */
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return (__u16)~sum;
+}
+
+/* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), for a 32-bit field */
+static __always_inline __u16 ep_csum_replace4(__u16 check, __u32 from, __u32 to)
+{
+    __u64 sum = (__u16)~check;
+    sum += (__u16)~(from & 0xffff);
+    sum += (__u16)~(from >> 16);
+    sum += to & 0xffff;
+    sum += to >> 16;
+    return ep_csum_fold(sum);
+}
+
+/* the same for a 16-bit field */
+static __always_inline __u16 ep_csum_replace2(__u16 check, __u16 from, __u16 to)
+{
+    __u64 sum = (__u16)~check;
+    sum += (__u16)~from;
+    sum += to;
+    return ep_csum_fold(sum);
+}
+
+/* Sum of 'words' 16-bit words at p; 'words' is a compile-time constant at every
+ * call site so the loop unrolls (no loop for the verifier to bound). The caller
+ * has already checked p + 2*words <= data_end. */
+static __always_inline __u64 ep_csum_add_words(__u64 sum, __u16 *p, const int words)
+{
+#pragma unroll
+    for (int i = 0; i < words; i++)
+        sum += p[i];
+    return sum;
+}
+
+#endif

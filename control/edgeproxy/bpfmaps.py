@@ -1,0 +1,474 @@
+"""The one Python mirror of the kernel maps: structs, constants, and map access.
+
+Everything here mirrors ``bpf/edgeproxy_structs.h`` and ``bpf/edgeproxy_consts.h``;
+``tests/test_bpf_structs.py`` compiles those headers and checks every size, field
+offset and constant against this module. Map access goes through the ``bpf(2)``
+syscall directly (no bcc), so the CLI can read pinned maps without compiling.
+
+Addresses and ports are stored in network byte order, exactly as in packets;
+``be32``/``be16`` convert to the integers ctypes stores on this (little-endian) host.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------- constants
+# edgeproxy_consts.h
+
+EP_IPOPT_TYPE = 0x9E
+EP_IPOPT_LEN = 8
+
+CFG_REFUSE_RST = 1
+CFG_RESTEER = 2
+
+SVC_F_VIP_MARKER = 1
+MACHINE_F_IN_USE = 1
+
+CT_FIN_IN = 1
+CT_FIN_OUT = 2
+CT_RST = 4
+CT_CLOSED = 8
+CT_EXPIRED = 16
+CT_REUSED = 32
+
+SWEEP_KEPT = 0
+SWEEP_EXPIRED = 1
+SWEEP_REMOVED = 2
+
+#: edge_stats offsets (STAT_*), in order
+EDGE_STATS = ("packets", "forwarded", "returned", "passed", "rst_sent", "dropped")
+#: anomalies offsets (ANOM_*), in order
+ANOMALIES = (
+    "trunc_eth",
+    "bad_ip",
+    "ip_options",
+    "fragment",
+    "non_tcp_vip",
+    "trunc_tcp",
+    "bad_doff",
+    "bad_flags",
+    "flood",
+    "no_backend",
+    "ct_miss",
+    "bad_ipip",
+    "return_no_ct",
+    "bad_machine",
+    "headroom",
+)
+#: worker_stats offsets (WSTAT_*), in order
+WORKER_STATS = ("packets", "decap", "replies", "bad_ipip", "headroom")
+
+#: the C macro name of every constant above, for the agreement test
+C_CONSTANTS: dict[str, int] = {
+    "EP_IPOPT_TYPE": EP_IPOPT_TYPE,
+    "EP_IPOPT_LEN": EP_IPOPT_LEN,
+    "CFG_REFUSE_RST": CFG_REFUSE_RST,
+    "CFG_RESTEER": CFG_RESTEER,
+    "SVC_F_VIP_MARKER": SVC_F_VIP_MARKER,
+    "MACHINE_F_IN_USE": MACHINE_F_IN_USE,
+    "CT_FIN_IN": CT_FIN_IN,
+    "CT_FIN_OUT": CT_FIN_OUT,
+    "CT_RST": CT_RST,
+    "CT_CLOSED": CT_CLOSED,
+    "CT_EXPIRED": CT_EXPIRED,
+    "CT_REUSED": CT_REUSED,
+    "SWEEP_KEPT": SWEEP_KEPT,
+    "SWEEP_EXPIRED": SWEEP_EXPIRED,
+    "SWEEP_REMOVED": SWEEP_REMOVED,
+    "STAT_MAX": len(EDGE_STATS),
+    "ANOM_MAX": len(ANOMALIES),
+    "WSTAT_MAX": len(WORKER_STATS),
+    **{f"STAT_{n.upper()}": i for i, n in enumerate(EDGE_STATS)},
+    **{f"ANOM_{n.upper()}": i for i, n in enumerate(ANOMALIES)},
+    **{f"WSTAT_{n.upper()}": i for i, n in enumerate(WORKER_STATS)},
+}
+
+IPPROTO_TCP = 6
+
+
+def be32(addr: IPv4Address) -> int:
+    """An IPv4 address as the u32 the kernel stores (network order bytes)."""
+    return int.from_bytes(addr.packed, "little")
+
+
+def from_be32(value: int) -> IPv4Address:
+    return IPv4Address(value.to_bytes(4, "little"))
+
+
+def be16(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def from_be16(value: int) -> int:
+    return int.from_bytes(value.to_bytes(2, "little"), "big")
+
+
+# ------------------------------------------------------------------ structs
+# edgeproxy_structs.h, field for field
+
+
+class ServiceKey(ct.Structure):
+    _fields_ = [("addr", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class ServiceValue(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("gen", ct.c_uint32), ("maglev_size", ct.c_uint32),
+                ("backend_count", ct.c_uint32), ("hard_limit", ct.c_uint32),
+                ("flags", ct.c_uint32)]
+
+
+class MaglevKey(ct.Structure):
+    _fields_ = [("service", ct.c_uint32), ("gen", ct.c_uint32), ("slot", ct.c_uint32)]
+
+
+class BackendKey(ct.Structure):
+    _fields_ = [("service", ct.c_uint32), ("gen", ct.c_uint32), ("index", ct.c_uint32)]
+
+
+class BackendValue(ct.Structure):
+    _fields_ = [("machine", ct.c_uint32), ("tier_start", ct.c_uint16),
+                ("tier_len", ct.c_uint16)]
+
+
+class MachineValue(ct.Structure):
+    _fields_ = [("addr", ct.c_uint32), ("worker", ct.c_uint32), ("port", ct.c_uint16),
+                ("flags", ct.c_uint16), ("pad", ct.c_uint32)]
+
+
+class Label(ct.Structure):
+    _fields_ = [("app", ct.c_char * 64), ("name", ct.c_char * 64)]
+
+
+class CtKey(ct.Structure):
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class CtValue(ct.Structure):
+    _fields_ = [("flags", ct.c_uint64), ("last_seen_ns", ct.c_uint64),
+                ("machine", ct.c_uint32), ("service", ct.c_uint32)]
+
+
+class MachineStats(ct.Structure):
+    _fields_ = [(n, ct.c_uint64) for n in (
+        "opened", "closed", "reset", "expired",
+        "packets_in", "bytes_in", "packets_out", "bytes_out")]
+
+
+class ServiceStats(ct.Structure):
+    _fields_ = [(n, ct.c_uint64) for n in (
+        "refused", "dropped", "no_backend", "flood", "resteered")]
+
+
+class DpConfig(ct.Structure):
+    _fields_ = [("host_addr", ct.c_uint32), ("flags", ct.c_uint32),
+                ("flood_cap", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class FloodState(ct.Structure):
+    _fields_ = [("window_start_ns", ct.c_uint64), ("count", ct.c_uint64)]
+
+
+class SweepRequest(ct.Structure):
+    _fields_ = [("key", CtKey), ("idle_ns", ct.c_uint64)]
+
+
+class WorkerFlowKey(ct.Structure):
+    _fields_ = [("machine_addr", ct.c_uint32), ("client_addr", ct.c_uint32),
+                ("machine_port", ct.c_uint16), ("client_port", ct.c_uint16)]
+
+
+class WorkerFlowValue(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("edge", ct.c_uint32), ("ifindex", ct.c_uint32),
+                ("vport", ct.c_uint16), ("edge_mac", ct.c_uint8 * 6),
+                ("local_mac", ct.c_uint8 * 6), ("pad", ct.c_uint16)]
+
+
+U32 = ct.c_uint32
+U64 = ct.c_uint64
+
+#: every mirrored struct by its C name, for the agreement test
+C_STRUCTS: dict[str, type[ct.Structure]] = {
+    "service_key": ServiceKey,
+    "service_value": ServiceValue,
+    "maglev_key": MaglevKey,
+    "backend_key": BackendKey,
+    "backend_value": BackendValue,
+    "machine_value": MachineValue,
+    "label": Label,
+    "ct_key": CtKey,
+    "ct_value": CtValue,
+    "machine_stats": MachineStats,
+    "service_stats": ServiceStats,
+    "dp_config": DpConfig,
+    "flood_state": FloodState,
+    "sweep_request": SweepRequest,
+    "worker_flow_key": WorkerFlowKey,
+    "worker_flow_value": WorkerFlowValue,
+}
+
+#: map name -> (key type, value type, per-CPU); names are the pin file names
+EDGE_MAPS: dict[str, tuple[type[Any], type[Any], bool]] = {
+    "config": (U32, DpConfig, False),
+    "services": (ServiceKey, ServiceValue, False),
+    "maglev": (MaglevKey, U32, False),
+    "backends": (BackendKey, BackendValue, False),
+    "machines": (U32, MachineValue, False),
+    "machine_labels": (U32, Label, False),
+    "service_labels": (U32, Label, False),
+    "conntrack": (CtKey, CtValue, False),
+    "machine_active": (U32, U64, False),
+    "machine_stats": (U32, MachineStats, True),
+    "service_stats": (U32, ServiceStats, True),
+    "edge_stats": (U32, U64, True),
+    "anomalies": (U32, U64, True),
+    "flood": (U32, FloodState, True),
+}
+WORKER_MAPS: dict[str, tuple[type[Any], type[Any], bool]] = {
+    "config": (U32, DpConfig, False),
+    "worker_flows": (WorkerFlowKey, WorkerFlowValue, False),
+    "worker_stats": (U32, U64, True),
+}
+
+
+def flow_hash(saddr: int, daddr: int, sport: int, dport: int) -> int:
+    """Mirror of flow_hash() in bpf/flow_hash.h; arguments as stored (be32/be16)."""
+
+    def mix(h: int) -> int:
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        h ^= h >> 16
+        return h
+
+    h = mix(0x9E3779B9 ^ saddr)
+    h = mix(h ^ daddr)
+    return mix(h ^ (((sport << 16) | dport) & 0xFFFFFFFF))
+
+
+# ------------------------------------------------------------- bpf syscall
+
+_NR_BPF = 321  # x86-64
+_libc = ct.CDLL(None, use_errno=True)
+_libc.syscall.restype = ct.c_long
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+
+class _Attr(ct.Structure):
+    # big enough for every command used here (the kernel zero-checks the tail)
+    _fields_ = [("raw", ct.c_uint8 * 128)]
+
+
+def bpf(cmd: int, attr: ct.Structure, size: int | None = None) -> int:
+    """Raw bpf(2); returns the result or raises OSError."""
+    ret = _libc.syscall(_NR_BPF, cmd, ct.byref(attr), size or ct.sizeof(attr))
+    if ret < 0:
+        err = ct.get_errno()
+        raise OSError(err, f"bpf cmd {cmd}: {os.strerror(err)}")
+    return int(ret)
+
+
+class _MapElemAttr(ct.Structure):
+    _fields_ = [("map_fd", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64),
+                ("value", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+class _ObjAttr(ct.Structure):
+    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32),
+                ("file_flags", ct.c_uint32)]
+
+
+class _InfoAttr(ct.Structure):
+    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
+
+
+class _MapInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16),
+                ("rest", ct.c_uint8 * 64)]
+
+
+class _TestRunAttr(ct.Structure):
+    _fields_ = [("prog_fd", ct.c_uint32), ("retval", ct.c_uint32),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("data_in", ct.c_uint64), ("data_out", ct.c_uint64),
+                ("repeat", ct.c_uint32), ("duration", ct.c_uint32),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_uint64), ("ctx_out", ct.c_uint64),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+def obj_get(path: str | Path) -> int:
+    """Open a pinned map or program; returns a new fd."""
+    p = ct.create_string_buffer(os.fsencode(str(path)))
+    return bpf(BPF_OBJ_GET, _ObjAttr(pathname=ct.addressof(p)))
+
+
+def obj_pin(fd: int, path: str | Path) -> None:
+    p = ct.create_string_buffer(os.fsencode(str(path)))
+    bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ct.addressof(p), bpf_fd=fd))
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1,
+                  out_size: int = 4096) -> tuple[int, bytes, int]:
+    """BPF_PROG_TEST_RUN: returns (retval, output packet, duration ns per run)."""
+    inp = ct.create_string_buffer(bytes(data), len(data))
+    out = ct.create_string_buffer(out_size)
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=out_size,
+                        data_in=ct.addressof(inp), data_out=ct.addressof(out),
+                        repeat=repeat)
+    bpf(BPF_PROG_TEST_RUN, attr)
+    return int(attr.retval), out.raw[: attr.data_size_out], int(attr.duration)
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: the length of every per-CPU value array."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count
+
+
+#: a ctypes key or value: a Structure above, or U32/U64
+CData = Any
+CType = type[Any]
+
+
+class BpfMap:
+    """One BPF map by fd, with typed keys and values (a list per CPU if per-CPU)."""
+
+    def __init__(self, fd: int, key_type: CType, value_type: CType, percpu: bool = False,
+                 name: str = "") -> None:
+        self.fd = fd
+        self.key_type = key_type
+        self.value_type = value_type
+        self.percpu = percpu
+        self.name = name
+        self._ncpu = possible_cpus() if percpu else 1
+        self._stride = (ct.sizeof(value_type) + 7) // 8 * 8 if percpu else ct.sizeof(value_type)
+        info = self.info()
+        if info.key_size != ct.sizeof(key_type) or info.value_size != ct.sizeof(value_type):
+            os.close(fd)
+            raise ValueError(
+                f"map {name or fd}: kernel layout key={info.key_size} value={info.value_size} "
+                f"!= mirror key={ct.sizeof(key_type)} value={ct.sizeof(value_type)} "
+                "(pinned by another version? unload first)")
+        self.max_entries = int(info.max_entries)
+
+    @classmethod
+    def open_pinned(cls, path: Path, key_type: CType, value_type: CType,
+                    percpu: bool = False) -> BpfMap:
+        return cls(obj_get(path), key_type, value_type, percpu, name=path.name)
+
+    def info(self) -> _MapInfo:
+        info = _MapInfo()
+        bpf(BPF_OBJ_GET_INFO_BY_FD,
+            _InfoAttr(bpf_fd=self.fd, info_len=ct.sizeof(info), info=ct.addressof(info)))
+        return info
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _elem(self, key: CData, buf: ct.Array[ct.c_char] | None = None,
+              flags: int = 0) -> _MapElemAttr:
+        return _MapElemAttr(map_fd=self.fd, key=ct.addressof(key),
+                            value=ct.addressof(buf) if buf is not None else 0, flags=flags)
+
+    def lookup_raw(self, key: CData) -> bytes | None:
+        buf = ct.create_string_buffer(self._stride * self._ncpu)
+        try:
+            bpf(BPF_MAP_LOOKUP_ELEM, self._elem(key, buf))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return buf.raw
+
+    def lookup(self, key: CData) -> CData | None:
+        """The value (CPU 0's for a per-CPU map; see lookup_percpu)."""
+        raw = self.lookup_raw(key)
+        return None if raw is None else self.value_type.from_buffer_copy(raw[: self._stride])
+
+    def lookup_percpu(self, key: CData) -> list[CData]:
+        raw = self.lookup_raw(key)
+        if raw is None:
+            return []
+        size = ct.sizeof(self.value_type)
+        return [self.value_type.from_buffer_copy(raw[i * self._stride: i * self._stride + size])
+                for i in range(self._ncpu)]
+
+    def update(self, key: CData, value: CData, flags: int = BPF_ANY) -> None:
+        if self.percpu:
+            data = (bytes(value).ljust(self._stride, b"\0")) * self._ncpu
+        else:
+            data = bytes(value)
+        buf = ct.create_string_buffer(data, len(data))
+        bpf(BPF_MAP_UPDATE_ELEM, self._elem(key, buf, flags))
+
+    def delete(self, key: CData) -> bool:
+        try:
+            bpf(BPF_MAP_DELETE_ELEM, self._elem(key))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def keys(self) -> Iterator[CData]:
+        """Every key (hash maps; a key deleted meanwhile restarts nothing, it is skipped)."""
+        cur: CData | None = None
+        nxt = self.key_type()
+        for _ in range(self.max_entries + 1):  # bounded: a map never holds more
+            attr = _MapElemAttr(map_fd=self.fd, key=ct.addressof(cur) if cur is not None else 0,
+                                value=ct.addressof(nxt))
+            try:
+                bpf(BPF_MAP_GET_NEXT_KEY, attr)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            cur = self.key_type.from_buffer_copy(nxt)
+            yield cur
+
+    def items(self) -> Iterator[tuple[CData, CData]]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+
+def open_maps(pin_dir: Path, role: str) -> dict[str, BpfMap]:
+    """Open every pinned map of an instance (edge or worker role)."""
+    layout = EDGE_MAPS if role == "edge" else WORKER_MAPS
+    maps: dict[str, BpfMap] = {}
+    for name, (key_type, value_type, percpu) in layout.items():
+        maps[name] = BpfMap.open_pinned(pin_dir / name, key_type, value_type,
+                                        percpu)
+    return maps
