@@ -4,6 +4,9 @@ Fixtures
 - `lab_tool`: Path of `tools/lab`.
 - `lab`: a `LabHandle` for a lab that is up (session-scoped; `down` runs at the end
   of the session even when tests fail). Skips when not root or iproute2 is missing.
+  The lab follows a session copy of the default state: `lab.write_state(text)`
+  changes it (daemons follow, `tools/lab sync` starts/stops machines to match) and
+  `lab.reset_state()` puts the default back.
   Daemons are started when `control/edgeproxy/daemon.py` exists, unless the
   environment sets EDGELAB_NO_DAEMONS=1.
 
@@ -12,11 +15,14 @@ Tests marked `root` are skipped with a reason when pytest does not run as root.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,8 @@ DEFAULT_STATE = TOOLS / "edgelab" / "state.yaml"
 LAB_UP_TIMEOUT_S = 180  # daemons may take up to 90 s to report ready
 LAB_DOWN_TIMEOUT_S = 60
 EXEC_TIMEOUT_S = 60
+SESSION_LOCK = Path("/run/edgeproxy-lab-session.lock")
+LAB_SESSION_WAIT_S = 1800
 
 # Tests import the lab's package (edgelab) directly for its pure parts.
 if str(TOOLS) not in sys.path:
@@ -94,6 +102,24 @@ class LabHandle:
         (`down` also stops anything left inside lab namespaces.)"""
         return subprocess.Popen([str(self.tool), "exec", node, "--", *cmd], text=True, **kwargs)
 
+    def write_state(self, text: str) -> None:
+        """Replace the lab's state file atomically, then bring machines in line."""
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.state_path)
+        done = run_lab("sync")
+        assert done.returncode == 0, f"tools/lab sync failed:\n{done.stdout}\n{done.stderr}"
+
+    def reset_state(self) -> None:
+        """The default state again (a no-op for the machines when nothing changed)."""
+        if self.state_path.read_text() != DEFAULT_STATE.read_text():
+            self.write_state(DEFAULT_STATE.read_text())
+
+    def machine(self, action: str, machine_id: str) -> None:
+        """`tools/lab machine stop|start ID`: kill or restart one machine's servers."""
+        done = run_lab("machine", action, machine_id)
+        assert done.returncode == 0, f"tools/lab machine {action} failed:\n{done.stderr}"
+
     def machines(self) -> dict[str, dict[str, Any]]:
         return {m["id"]: m for m in self.status()["machines"]}
 
@@ -116,13 +142,40 @@ def lab_tool() -> Path:
     return LAB_TOOL
 
 
+@contextlib.contextmanager
+def lab_session_lock() -> Iterator[None]:
+    """One pytest session (or benchmark) owns the lab at a time: a second one that
+    starts meanwhile waits here instead of taking the first one's lab down."""
+    deadline = time.monotonic() + LAB_SESSION_WAIT_S
+    with SESSION_LOCK.open("w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another session held {SESSION_LOCK} for too long")
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def lab() -> Iterator[LabHandle]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     reason = _lab_skip_reason()
     if reason:
         pytest.skip(reason)
+    with lab_session_lock():
+        yield from _lab_session(tmp_path_factory)
+
+
+def _lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     daemons = DAEMON_SOURCE.exists() and os.environ.get("EDGELAB_NO_DAEMONS") != "1"
-    handle = LabHandle(LAB_TOOL, DEFAULT_STATE, daemons)
+    state_path = tmp_path_factory.mktemp("lab") / "state.yaml"
+    shutil.copy(DEFAULT_STATE, state_path)
+    handle = LabHandle(LAB_TOOL, state_path, daemons)
     run_lab("down", timeout=LAB_DOWN_TIMEOUT_S)  # leftovers of an earlier, killed session
     try:
         done = run_lab(*handle.up_args, timeout=LAB_UP_TIMEOUT_S)

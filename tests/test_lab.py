@@ -147,8 +147,8 @@ def test_status_lists_nodes_apps_and_state_source(lab: LabHandle) -> None:
     assert apps["echo"] == {"name": "echo", "addresses": ["198.19.1.1"], "ports": [7],
                             "handlers": []}
     assert apps["web"]["handlers"] == ["http"]
-    assert len(status["machines"]) == 12 and all(m["alive"] for m in status["machines"])
-    assert {d["state_source"]["path"] for d in status["daemons"]} == {str(DEFAULT_STATE)}
+    assert len(status["machines"]) == 14 and all(m["alive"] for m in status["machines"])
+    assert {d["state_source"]["path"] for d in status["daemons"]} == {str(lab.state_path)}
 
 
 @pytest.mark.root
@@ -265,10 +265,36 @@ def test_down_cleans_after_crash_midway(lab: LabHandle) -> None:
         )
         assert crashed.returncode == -signal.SIGKILL, crashed.stderr
         processes = _recorded_processes()
-        assert len([p for p in processes if p["kind"] == "machine"]) == 12
+        assert len([p for p in processes if p["kind"] == "machine"]) == 14
         assert _lab_namespaces_present()
         done = run_lab("down")
         assert done.returncode == 0, done.stderr
         _assert_clean(processes)
     finally:
         lab.ensure_up()
+
+
+def _greeting(lab: LabHandle, address: str) -> subprocess.CompletedProcess[str]:
+    return lab.exec("client", "socat", "-T", "3", "-", f"TCP:{address}:7000", input="x\n",
+                    timeout=20)
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_machine_stop_start_and_sync_follow_the_state(lab: LabHandle) -> None:
+    try:
+        lab.machine("stop", "echo-syd-2")
+        assert not lab.machines()["echo-syd-2"]["alive"]
+        assert _greeting(lab, "198.18.66.2").returncode != 0  # nothing listens any more
+        lab.machine("start", "echo-syd-2")
+        assert _greeting(lab, "198.18.66.2").stdout.startswith("echo-syd-2 syd")
+
+        stopped = lab.state_path.read_text().replace(
+            "address: 198.18.66.2, state: started", "address: 198.18.66.2, state: stopped")
+        lab.write_state(stopped)
+        assert "echo-syd-2" not in {m for m, info in lab.machines().items() if info["alive"]}
+        lab.reset_state()
+        assert lab.machines()["echo-syd-2"]["alive"]
+        assert _greeting(lab, "198.18.66.2").stdout.startswith("echo-syd-2 syd")
+    finally:
+        lab.reset_state()

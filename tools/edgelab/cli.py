@@ -9,7 +9,17 @@ import sys
 from pathlib import Path
 
 from edgelab import netns
-from edgelab.lab import DEFAULT_STATE, LabError, down, lab_lock, topology_of, up
+from edgelab.lab import (
+    DEFAULT_STATE,
+    LabError,
+    down,
+    lab_lock,
+    machine_start,
+    machine_stop,
+    sync,
+    topology_of,
+    up,
+)
 from edgelab.rundir import load_record
 from edgelab.statefile import StateFileError
 from edgelab.status import lab_status, render_human
@@ -31,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("down", help="remove everything the lab made")
     status_cmd = commands.add_parser("status", help="what is up")
     status_cmd.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    commands.add_parser("sync", help="start/stop machines to match the state file again")
+    machine_cmd = commands.add_parser("machine", help="stop or start one machine's servers")
+    machine_cmd.add_argument("action", choices=("stop", "start"))
+    machine_cmd.add_argument("machine_id")
     exec_cmd = commands.add_parser("exec", help="run a command in a node's namespace")
     exec_cmd.add_argument("node")
     exec_cmd.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
@@ -76,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             with lab_lock():
                 return 0 if down() else 1
+        if args.command == "sync":
+            with lab_lock():
+                sync()
+            return 0
+        if args.command == "machine":
+            with lab_lock():
+                (machine_stop if args.action == "stop" else machine_start)(args.machine_id)
+            return 0
         if args.command == "status":
             status = lab_status()
             print(json.dumps(status, indent=2) if args.output == "json" else render_human(status))

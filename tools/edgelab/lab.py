@@ -20,7 +20,14 @@ from pathlib import Path
 import yaml
 
 from edgelab import netns
-from edgelab.processes import LabProcess, record_of, spawn_in_namespace, start_time_of, stop
+from edgelab.processes import (
+    LabProcess,
+    is_alive,
+    record_of,
+    spawn_in_namespace,
+    start_time_of,
+    stop,
+)
 from edgelab.rundir import BPF_ROOT, RUN_DIR, LabRecord, load_record, machine_dir, node_dir
 from edgelab.statefile import LabState, Machine, Service, load_lab_state
 from edgelab.topology import NAMESPACE_PREFIX, Link, Node, Topology, build_topology
@@ -108,12 +115,15 @@ def wait_ready(pending: list[Pending], timeout_s: float, what: str) -> None:
 class Builder:
     """One `up`: creates things in order and records each in lab.json as it goes."""
 
-    def __init__(self, state: LabState, topo: Topology, say: Say) -> None:
+    def __init__(self, state: LabState, topo: Topology, say: Say,
+                 record: LabRecord | None = None) -> None:
         self.state = state
         self.topo = topo
         self.say = say
-        self.record = LabRecord(state_path=str(state.path))
-        self.record.nodes = [n.name for n in topo.nodes]
+        if record is None:
+            record = LabRecord(state_path=str(state.path))
+            record.nodes = [n.name for n in topo.nodes]
+        self.record = record
 
     def spawn(self, node: str, namespace: str, argv: list[str], kind: str, name: str,
               log: Path, ready_file: Path) -> Pending:
@@ -193,13 +203,16 @@ class Builder:
     def machines(self) -> list[Pending]:
         pending = []
         for machine in self.state.machines:
-            if machine.state != "started":
-                continue
-            node = self.topo.node(machine.host)
-            netns.batch(node.namespace, netns.address_commands("lo", [f"{machine.address}/32"]))
-            for service in self.state.services_of(machine.app):
-                pending.append(self._machine(node, machine, service))
+            if machine.state == "started":
+                pending += self.machine(machine)
         return pending
+
+    def machine(self, machine: Machine) -> list[Pending]:
+        """Give one machine its address and start its servers (one per service)."""
+        node = self.topo.node(machine.host)
+        netns.batch(node.namespace, netns.address_commands("lo", [f"{machine.address}/32"]))
+        return [self._machine(node, machine, service)
+                for service in self.state.services_of(machine.app)]
 
     def _machine(self, node: Node, machine: Machine, service: Service) -> Pending:
         name = machine_process_name(machine, service)
@@ -364,6 +377,75 @@ def _start_daemons(builder: Builder, start_daemons: bool, say: Say) -> None:
         say(f"waiting for {len(pending)} daemons to be ready (up to {DAEMON_READY_TIMEOUT_S:.0f}s)")
         wait_ready(pending, DAEMON_READY_TIMEOUT_S, "daemon")
     builder.record.save()
+
+
+# ---------------------------------------------------------------- machines
+
+
+def _up_record() -> LabRecord:
+    record = load_record()
+    if record is None or record.phase != "up":
+        raise LabError("the lab is not up; run `tools/lab up` first")
+    return record
+
+
+def _running_machines(record: LabRecord) -> dict[str, list[LabProcess]]:
+    running: dict[str, list[LabProcess]] = {}
+    for process in record.processes:
+        if process.kind == "machine" and is_alive(process):
+            running.setdefault(process.name.split(":")[0], []).append(process)
+    return running
+
+
+def _stop_machines(record: LabRecord, ids: set[str]) -> None:
+    gone = [p for p in record.processes if p.kind == "machine" and p.name.split(":")[0] in ids]
+    stop(gone)
+    record.processes = [p for p in record.processes if p not in gone]
+    record.save()
+
+
+def _start_machines(record: LabRecord, machines: list[Machine], say: Say) -> None:
+    state = load_lab_state(Path(record.state_path))
+    builder = Builder(state, build_topology(state), say, record)
+    pending = [p for machine in machines for p in builder.machine(machine)]
+    wait_ready(pending, MACHINE_READY_TIMEOUT_S, "machine")
+
+
+def machine_stop(machine_id: str, say: Say = default_say) -> None:
+    """Stop one machine's servers (a crash, as far as anyone can tell); state untouched."""
+    record = _up_record()
+    if machine_id not in _running_machines(record):
+        raise LabError(f"machine {machine_id} is not running")
+    _stop_machines(record, {machine_id})
+    say(f"stopped machine {machine_id}")
+
+
+def machine_start(machine_id: str, say: Say = default_say) -> None:
+    """Start a stopped machine's servers again (whatever its state in the state file)."""
+    record = _up_record()
+    state = load_lab_state(Path(record.state_path))
+    machine = next((m for m in state.machines if m.id == machine_id), None)
+    if machine is None:
+        raise LabError(f"machine {machine_id} is not in {record.state_path}")
+    if machine_id in _running_machines(record):
+        say(f"machine {machine_id} is already running")
+        return
+    _start_machines(record, [machine], say)
+    say(f"started machine {machine_id}")
+
+
+def sync(say: Say = default_say) -> None:
+    """Make the running machines match the state file again: start the `started`
+    machines that have no server, stop the servers of machines now stopped or gone."""
+    record = _up_record()
+    state = load_lab_state(Path(record.state_path))
+    wanted = {m.id: m for m in state.machines if m.state == "started"}
+    running = _running_machines(record)
+    extra = set(running) - set(wanted)
+    missing = [m for mid, m in wanted.items() if mid not in running]
+    _stop_machines(record, extra)
+    _start_machines(record, missing, say)
+    say(f"sync: started {len(missing)}, stopped {len(extra)} machines")
 
 
 def _orphans(namespaces: list[str]) -> list[LabProcess]:

@@ -79,7 +79,8 @@ def batch(namespace: str, commands: Iterable[str]) -> None:
 
 
 def address_commands(dev: str, addresses: Iterable[str]) -> list[str]:
-    return [f"address add {a} dev {dev}" for a in addresses]
+    # replace, not add: idempotent, so a machine restarted by `sync` can reuse its address
+    return [f"address replace {a} dev {dev}" for a in addresses]
 
 
 def route_commands(routes: Iterable[Route]) -> list[str]:
