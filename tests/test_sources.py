@@ -263,6 +263,8 @@ def test_make_source_picks_by_config(state_file: Path, database: Path) -> None:
     assert isinstance(db_source, SqliteSource) and db_source.poll_interval == 0.05
     db_source.close()
     with pytest.raises(ValueError, match="unknown state source"):
+        make_source({"source": "zookeeper", "path": "x"})
+    with pytest.raises(ValueError, match="endpoints"):
         make_source({"source": "etcd", "path": "x"})
     with pytest.raises(ValueError, match="needs a path"):
         make_source({"source": "file"})

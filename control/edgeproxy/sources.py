@@ -5,9 +5,11 @@ Every source keeps the last good state. A new picture is validated whole; a bad 
 ``rejected`` with its message in ``last_error``, and skipped, so the last good state
 keeps serving (SPEC, "Cluster state").
 
-Sources poll a cheap change marker every ``poll_interval`` seconds (a file's stat,
-SQLite's ``PRAGMA data_version``) and only rebuild when it moves. Polling runs in a
-worker thread so neither a slow check nor a large rebuild stalls the event loop.
+The file and SQLite sources poll a cheap change marker every ``poll_interval``
+seconds (a file's stat, SQLite's ``PRAGMA data_version``) and only rebuild when it
+moves; the etcd source is pushed changes by an etcd watch. Either way the blocking
+part runs in a worker thread so neither a slow check nor a large rebuild stalls the
+event loop.
 
 Each source is meant for one watcher: ``watch()`` yields every new state once.
 """
@@ -20,10 +22,21 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from edgeproxy.etcd import (
+    DEFAULT_TIMEOUT,
+    Compacted,
+    EtcdClient,
+    EtcdError,
+    Event,
+    WatchStream,
+    parse_events,
+    prefix_end,
+)
 from edgeproxy.state import (
     ClusterState,
     Problem,
@@ -281,7 +294,7 @@ def _name_rows(err: StateError, keys: Mapping[str, list[str]]) -> StateError:
     )
 
 
-def write_state(conn: sqlite3.Connection, state: ClusterState) -> None:
+def write_sqlite_state(conn: sqlite3.Connection, state: ClusterState) -> None:
     """Replace the database's contents with ``state`` in one transaction.
 
     For tests and tools; a real store changes single rows.
@@ -372,15 +385,400 @@ class SqliteSource(_PollingSource):
         self._conn.close()
 
 
+# ---------------------------------------------------------------------------- etcd
+
+DEFAULT_ETCD_PREFIX = "/edgeproxy/"
+# How long one watch read blocks before the loop looks round (close, liveness).
+ETCD_READ_WAIT = 0.5  # seconds
+# Silence on a watch is normal, but a member cut off from its quorum is silent too;
+# after this long without a message the member is asked a linearizable question.
+ETCD_PROBE_AFTER = 3.0  # seconds
+ETCD_RETRY_BACKOFF = 0.25  # seconds between rounds when no member takes a watch
+
+# One key per entity: <prefix><kind>/<id>, the value the entity as JSON in the YAML
+# shape; <prefix>meta holds the top-level fields. Kind → the field the key names.
+ETCD_KINDS: dict[str, str] = {
+    "regions": "code",
+    "hosts": "id",
+    "apps": "name",
+    "services": "id",
+    "machines": "id",
+}
+ETCD_META_KEY = "meta"
+ETCD_META_FIELDS = ("version", "latency_ms")
+
+
+class _BadJson:
+    """A value that did not parse, kept so the rebuild can say where and why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _etcd_doc(value: bytes) -> object:
+    try:
+        return json.loads(value)
+    except ValueError as err:  # UnicodeDecodeError is a ValueError too
+        return _BadJson(f"not valid JSON: {err}")
+
+
+def etcd_state(docs: Mapping[str, object], prefix: str, source: str = "etcd") -> ClusterState:
+    """Validate the parsed values under a prefix (keys relative to it) as one state.
+
+    Problems name the etcd key and the field: ``/edgeproxy/machines/web-1.host``.
+    """
+    problems: list[Problem] = []
+    data: dict[str, object] = {}
+    keys: dict[str, list[str]] = {kind: [] for kind in ETCD_KINDS}
+    for kind in ETCD_KINDS:
+        data[kind] = []
+    for key in sorted(docs):
+        doc = docs[key]
+        where = f"{prefix}{key}"
+        if isinstance(doc, _BadJson):
+            problems.append(Problem(where, doc.reason))
+            continue
+        kind, slash, name = key.partition("/")
+        if key == ETCD_META_KEY:
+            _read_etcd_meta(doc, where, data, problems)
+        elif kind in ETCD_KINDS and slash and name and "/" not in name:
+            id_field = ETCD_KINDS[kind]
+            if isinstance(doc, dict) and id_field in doc and doc[id_field] != name:
+                problems.append(
+                    Problem(f"{where}.{id_field}", f"{doc[id_field]!r} differs from the key")
+                )
+                continue
+            rows = data[kind]
+            assert isinstance(rows, list)
+            rows.append(doc)
+            keys[kind].append(key)
+        else:
+            expected = ", ".join(f"{k}/<{f}>" for k, f in ETCD_KINDS.items())
+            problems.append(Problem(where, f"unknown key; expected meta, {expected}"))
+    if problems:
+        raise StateError(source, problems)
+    try:
+        return parse_state(data, source)
+    except StateError as err:
+        raise _name_keys(err, keys, prefix) from err
+
+
+def _read_etcd_meta(
+    doc: object, where: str, data: dict[str, object], problems: list[Problem]
+) -> None:
+    if not isinstance(doc, dict):
+        problems.append(Problem(where, "expected a JSON object {version, latency_ms?}"))
+        return
+    for field_name, value in doc.items():
+        if field_name in ETCD_META_FIELDS:
+            data[field_name] = value
+        else:
+            problems.append(Problem(f"{where}.{field_name}", "unknown field"))
+
+
+_ETCD_ROW = re.compile(r"\b(regions|hosts|apps|services|machines)\[(\d+)\]")
+
+
+def _name_keys(err: StateError, keys: Mapping[str, list[str]], prefix: str) -> StateError:
+    """Name entities by their etcd key, in paths and in reasons (``first at ...``)."""
+
+    def by_key(match: re.Match[str]) -> str:
+        return f"{prefix}{keys[match.group(1)][int(match.group(2))]}"
+
+    def path(text: str) -> str:
+        if text.startswith(ETCD_META_FIELDS):
+            return f"{prefix}{ETCD_META_KEY}.{text}"
+        return _ETCD_ROW.sub(by_key, text, count=1)
+
+    return StateError(
+        err.source,
+        [Problem(path(p.path), _ETCD_ROW.sub(by_key, p.reason), p.line) for p in err.problems],
+    )
+
+
+def etcd_layout(state: ClusterState, prefix: str = DEFAULT_ETCD_PREFIX) -> dict[bytes, bytes]:
+    """The keys and values that hold ``state`` under ``prefix``.
+
+    Values are compact JSON with sorted keys, so an unchanged entity gives the same
+    bytes and a writer can skip it.
+    """
+    data = to_dict(state)
+
+    def dump(value: object) -> bytes:
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+    meta = {name: data[name] for name in ETCD_META_FIELDS if name in data}
+    layout = {f"{prefix}{ETCD_META_KEY}".encode(): dump(meta)}
+    for kind, id_field in ETCD_KINDS.items():
+        rows = data[kind]
+        assert isinstance(rows, list)
+        for row in rows:
+            layout[f"{prefix}{kind}/{row[id_field]}".encode()] = dump(row)
+    return layout
+
+
+def write_etcd_state(
+    target: EtcdClient | Sequence[str], state: ClusterState, prefix: str = DEFAULT_ETCD_PREFIX
+) -> int:
+    """Make the keys under ``prefix`` hold ``state``, in one transaction; returns its revision.
+
+    Only changed keys are written and only vanished ones deleted, so watchers see a
+    one-machine change as one event. For tests and tools: the read and the write are
+    not guarded against a concurrent writer, and etcd caps a transaction's operations
+    (``--max-txn-ops``, 128 by default), so this is not the way to load a huge state.
+    """
+    client = target if isinstance(target, EtcdClient) else EtcdClient(target)
+    revision, current = client.range_prefix(prefix.encode())
+    have = {kv.key: kv.value for kv in current}
+    want = etcd_layout(state, prefix)
+    puts = {key: value for key, value in want.items() if have.get(key) != value}
+    deletes = [key for key in have if key not in want]
+    if not puts and not deletes:
+        return revision
+    return client.txn(puts, deletes)
+
+
+class EtcdSource:
+    """Cluster state kept in etcd under a prefix, one key per entity, watched.
+
+    Start: one linearizable range over the prefix, remembering its revision. Then a
+    watch from the revision after it; each watch message (etcd delivers a
+    transaction's events in one message) is applied to the keys and the whole state
+    rebuilt and validated. A bad picture is counted and skipped; the keys still
+    follow etcd, so the write that repairs it applies.
+
+    The watch lives on one member. When it breaks (the member died, was cut off, or
+    cancelled the watch) it is opened on the next member from the last revision seen,
+    so nothing is missed; when that history was compacted meanwhile, the whole
+    prefix is read again. A member that is alive but cut off from its quorum sends
+    nothing; after ``probe_after`` seconds of silence it is asked a linearizable
+    question, and one that cannot answer is left.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str = DEFAULT_ETCD_PREFIX,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        read_wait: float = ETCD_READ_WAIT,
+        probe_after: float = ETCD_PROBE_AFTER,
+    ) -> None:
+        if not prefix.endswith("/"):
+            raise ValueError(f"etcd prefix must end with '/', got {prefix!r}")
+        self.name = "etcd"
+        self.prefix = prefix
+        self.client = EtcdClient(endpoints, timeout)
+        self.timeout = timeout
+        self.read_wait = read_wait
+        self.probe_after = probe_after
+        self.rejected = 0
+        self.last_error: str | None = None
+        self._key = prefix.encode()
+        self._values: dict[str, bytes] = {}  # key (relative to the prefix) → raw value
+        self._docs: dict[str, object] = {}  # the same, parsed once on arrival
+        self._stream: WatchStream | None = None
+        self._member = 0  # index of the member to open the next watch on
+        self._heard_at = time.monotonic()
+        self._out_of_members = False  # logged once per outage, not every retry
+        self._closed = False
+        self._revision = self._read_all()  # no member answers: raise, as for a bad state
+        self._good = etcd_state(self._docs, prefix, self.name)
+
+    def current(self) -> ClusterState:
+        return self._good
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision the keys reflect: resume point for the watch."""
+        return self._revision
+
+    @property
+    def connected_endpoint(self) -> str | None:
+        """``host:port`` of the member the watch is open on, if one is."""
+        stream = self._stream
+        return str(stream.endpoint) if stream is not None else None
+
+    async def watch(self) -> AsyncIterator[ClusterState]:
+        while not self._closed:
+            # Blocking socket reads go to a thread; each call returns within about
+            # read_wait (or a connect timeout), so the loop notices close() promptly.
+            state = await asyncio.to_thread(self.step)
+            if state is not None:
+                yield state
+
+    def step(self) -> ClusterState | None:
+        """Wait up to ``read_wait`` for one watch message; the new state if one applied."""
+        if self._closed:
+            return None
+        if self._stream is None:
+            self._stream = self._open_watch()
+            if self._stream is None:
+                return None
+        try:
+            result = self._stream.read(self.read_wait)
+            events = parse_events(result) if result is not None else None
+        except Compacted as err:
+            log.warning("%s: %s; reading %s again", self.name, err, self.prefix)
+            self._drop_stream()
+            return self._resync()
+        except (EtcdError, OSError) as err:
+            self._leave_member(err)
+            return None
+        if events is None:
+            self._probe_if_silent()
+            return None
+        self._heard_at = time.monotonic()
+        return self._apply(events)
+
+    def _open_watch(self) -> WatchStream | None:
+        endpoints = self.client.endpoints
+        for step in range(len(endpoints)):
+            index = (self._member + step) % len(endpoints)
+            try:
+                stream = WatchStream(
+                    endpoints[index],
+                    self._key,
+                    prefix_end(self._key),
+                    self._revision + 1,
+                    self.timeout,
+                )
+            except (EtcdError, OSError) as err:
+                log.debug("%s: no watch on %s: %s", self.name, endpoints[index], err)
+                continue
+            self._member = index
+            self._heard_at = time.monotonic()
+            if self._out_of_members:
+                log.warning("%s: watching again on %s", self.name, endpoints[index])
+            self._out_of_members = False
+            return stream
+        if not self._out_of_members:
+            log.error("%s: no member takes a watch; retrying", self.name)
+        self._out_of_members = True
+        time.sleep(min(ETCD_RETRY_BACKOFF, self.read_wait))  # in the worker thread
+        return None
+
+    def _leave_member(self, err: Exception) -> None:
+        stream = self._drop_stream()
+        if self._closed or stream is None:
+            return
+        log.warning(
+            "%s: watch on %s lost (%s); resuming from revision %d on another member",
+            self.name,
+            stream.endpoint,
+            err,
+            self._revision + 1,
+        )
+        self._member = (self._member + 1) % len(self.client.endpoints)
+
+    def _drop_stream(self) -> WatchStream | None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+        return stream
+
+    def _probe_if_silent(self) -> None:
+        stream = self._stream
+        if stream is None or time.monotonic() - self._heard_at < self.probe_after:
+            return
+        try:
+            self.client.range_prefix(self._key, endpoint=stream.endpoint, count_only=True)
+        except EtcdError as err:
+            self._leave_member(err)
+            return
+        self._heard_at = time.monotonic()
+
+    def _read_all(self) -> int:
+        revision, kvs = self.client.range_prefix(self._key)
+        self._values = {}
+        self._docs = {}
+        for kv in kvs:
+            key = self._relative(kv.key)
+            self._values[key] = kv.value
+            self._docs[key] = _etcd_doc(kv.value)
+        return revision
+
+    def _resync(self) -> ClusterState | None:
+        before = self._values
+        try:
+            self._revision = self._read_all()
+        except EtcdError as err:
+            self._values = before
+            self._docs = {key: _etcd_doc(value) for key, value in before.items()}
+            log.warning("%s: cannot read %s again: %s", self.name, self.prefix, err)
+            return None
+        return None if self._values == before else self._rebuild()
+
+    def _relative(self, key: bytes) -> str:
+        return key[len(self._key) :].decode("utf-8", errors="replace")
+
+    def _apply(self, events: list[Event]) -> ClusterState | None:
+        changed = False
+        for event in events:
+            self._revision = max(self._revision, event.mod_revision)
+            key = self._relative(event.key)
+            if event.type == "delete":
+                if self._values.pop(key, None) is not None:
+                    del self._docs[key]
+                    changed = True
+            elif self._values.get(key) != event.value:
+                # Same bytes again (a watch resumed a little early): nothing to rebuild.
+                self._values[key] = event.value
+                self._docs[key] = _etcd_doc(event.value)
+                changed = True
+        return self._rebuild() if changed else None
+
+    def _rebuild(self) -> ClusterState | None:
+        try:
+            state = etcd_state(self._docs, self.prefix, self.name)
+        except StateError as err:
+            self.rejected += 1
+            self.last_error = str(err)
+            log.warning(
+                "%s: update at revision %d refused, keeping version %s:\n%s",
+                self.name,
+                self._revision,
+                self._good.version,
+                err,
+            )
+            return None
+        self._good = state
+        log.info(
+            "%s: applied state version %s (revision %d)", self.name, state.version, self._revision
+        )
+        return state
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop_stream()
+
+
 # -------------------------------------------------------------------------- config
 
 
-def make_source(config: Mapping[str, object]) -> StateSource:
-    """Build the source a config names: ``{source: file|sqlite, path, poll_interval?}``.
+def write_state(
+    target: sqlite3.Connection | EtcdClient | Sequence[str],
+    state: ClusterState,
+    prefix: str = DEFAULT_ETCD_PREFIX,
+) -> None:
+    """Put ``state`` into a store in one transaction: a SQLite connection, or etcd
+    (a client or its endpoints) under ``prefix``. For tests and tools."""
+    if isinstance(target, sqlite3.Connection):
+        write_sqlite_state(target, state)
+    else:
+        write_etcd_state(target, state, prefix)
 
-    ``source`` defaults to ``file``, the embedded default (SPEC, "Cluster state").
+
+def make_source(config: Mapping[str, object]) -> StateSource:
+    """Build the source a config names.
+
+    ``{source: file|sqlite, path, poll_interval?}`` or
+    ``{source: etcd, endpoints: [host:port, ...], prefix?}``. ``source`` defaults to
+    ``file``, the embedded default (SPEC, "Cluster state").
     """
     kind = config.get("source", "file")
+    if kind == "etcd":
+        return _make_etcd_source(config)
     path = config.get("path")
     poll = config.get("poll_interval", DEFAULT_POLL_INTERVAL)
     if not isinstance(path, str | Path):
@@ -391,4 +789,18 @@ def make_source(config: Mapping[str, object]) -> StateSource:
         return FileSource(path, float(poll))
     if kind == "sqlite":
         return SqliteSource(path, float(poll))
-    raise ValueError(f"unknown state source {kind!r}; expected file or sqlite")
+    raise ValueError(f"unknown state source {kind!r}; expected file, sqlite or etcd")
+
+
+def _make_etcd_source(config: Mapping[str, object]) -> EtcdSource:
+    endpoints = config.get("endpoints")
+    prefix = config.get("prefix", DEFAULT_ETCD_PREFIX)
+    if (
+        not isinstance(endpoints, list)
+        or not endpoints
+        or not all(isinstance(e, str) for e in endpoints)
+    ):
+        raise ValueError(f"etcd source needs endpoints: a list of host:port, got {endpoints!r}")
+    if not isinstance(prefix, str):
+        raise ValueError(f"etcd prefix must be a string, got {prefix!r}")
+    return EtcdSource([str(e) for e in endpoints], prefix)
