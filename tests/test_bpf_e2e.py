@@ -48,7 +48,7 @@ ECHO_SERVER = textwrap.dedent(
         c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
     % MACHINE
-)  # noqa: UP031 - code with braces inside
+)
 
 CLIENT = textwrap.dedent(
     """
@@ -67,7 +67,7 @@ CLIENT = textwrap.dedent(
     print(greeting.decode().strip(), len(got), got == payload)
 """
     % VIP
-)  # noqa: UP031
+)
 
 LOADER = textwrap.dedent(
     """
@@ -87,7 +87,7 @@ LOADER = textwrap.dedent(
                             50, 100, ((m,),))])
     print("loaded")
 """
-    % dict(  # noqa: UP031
+    % dict(
         ie=INSTANCE_E,
         iw=INSTANCE_W,
         eh=EDGE_HOST,

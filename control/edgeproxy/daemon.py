@@ -3,9 +3,10 @@
 One loop per concern, all feeding one ``apply()``:
 
     state source ─┐
-    health checks ┼─> placement ─> kernel maps (edge) + HTTP proxy tables
-    (periodic)   ─┘
-                      idle sweep of the kernel's flow table
+    health checks ┴─> placement ─> kernel maps (edge) + HTTP proxy tables
+    (periodic)        idle sweep of the kernel's flow table
+
+Edges run the health checks: they are the ones that choose machines.
 
 The kernel data plane outlives the daemon: stopping it leaves programs attached
 and maps pinned, and the next start adopts them (``Dataplane.load``).
@@ -20,12 +21,15 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, DaemonConfig, load_config
 from .dataplane import Dataplane, DataplaneConfig
+from .health import HealthChecker
+from .metrics import EdgeproxyCollector, MetricsEndpoint
 from .placement import place
 from .proxy import HttpProxy, new_event_loop
 from .routing import ServiceTable
@@ -52,8 +56,11 @@ class Daemon:
         self.proxy = HttpProxy(
             role=config.role, region=self.host.region, host_addresses=[str(self.host.address)]
         )
+        self.health = HealthChecker(self.state) if config.is_edge else None
         self.tables: list[ServiceTable] = []
         self.applied = 0
+        self.applied_at: float | None = None  # Unix time of the last apply (metrics)
+        self.metrics: MetricsEndpoint | None = None
         self._lock = asyncio.Lock()  # one map writer at a time: sync and sweep
 
     def _own_host(self, state: ClusterState) -> Host:
@@ -85,9 +92,12 @@ class Daemon:
     async def start(self) -> None:
         if self.dataplane is not None:
             await asyncio.to_thread(self.dataplane.load)
+        if self.health is not None:
+            await self.health.start()
         await self.apply(self.state)
         await self.proxy.start()
         await self.proxy.sync_listeners()
+        self.start_metrics()
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{self.applied}\n")
         log.info("ready: %d services, role %s", len(self.tables), self.config.role)
@@ -95,7 +105,7 @@ class Daemon:
     async def apply(self, state: ClusterState) -> None:
         """Place every service from this host's view and hand the tables to both paths."""
         self.state = state
-        tables = place(state, self.host.id)
+        tables = place(state, self.host.id, healthy=self.health.healthy if self.health else None)
         async with self._lock:
             if self.dataplane is not None and self.config.is_edge:
                 result = await asyncio.to_thread(self.dataplane.sync, tables)
@@ -103,11 +113,29 @@ class Daemon:
         self.proxy.update(tables, hostnames_of(state))
         self.tables = tables
         self.applied += 1
+        self.applied_at = time.time()
+
+    def start_metrics(self) -> None:
+        """Serve /metrics on ``metrics.listen``; the collector reads at each scrape."""
+        collector = EdgeproxyCollector(
+            dataplane=self.dataplane,
+            proxy=self.proxy, source=self.source, last_applied=lambda: self.applied_at,
+            loop=asyncio.get_running_loop())
+        self.metrics = MetricsEndpoint.start(self.config.metrics_listen, collector)
 
     async def follow_state(self) -> None:
         async for state in self.source.watch():
             log.info("state version %s", state.version)
+            if self.health is not None:
+                self.health.update(state)
             await self.apply(state)
+
+    async def follow_health(self, health: HealthChecker) -> None:
+        while True:
+            await health.changed.wait()
+            health.changed.clear()
+            log.info("health changed; failing: %s", ", ".join(sorted(health.unhealthy())) or "none")
+            await self.apply(self.state)
 
     async def sweep_idle_flows(self, dataplane: Dataplane) -> None:
         while True:
@@ -118,11 +146,17 @@ class Daemon:
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         """The daemon's endless loops; one ending (by error) stops the daemon."""
         loops = [self.follow_state()]
+        if self.health is not None:
+            loops.append(self.follow_health(self.health))
         if self.dataplane is not None and self.config.is_edge:
             loops.append(self.sweep_idle_flows(self.dataplane))
         return loops
 
     async def stop(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         await self.proxy.stop()
         self.source.close()
         if self.dataplane is not None:
