@@ -19,7 +19,9 @@ from edgeproxy.state import (
 )
 
 LAB_STATE = Path(__file__).resolve().parents[1] / "tools" / "edgelab" / "state.yaml"
-LAB_TEXT = LAB_STATE.read_text()
+# The refusal cases edit a fixed text, so the lab's default state can grow freely.
+BASE_STATE = Path(__file__).resolve().parent / "data" / "state_base.yaml"
+LAB_TEXT = BASE_STATE.read_text()
 
 EXTRA_SERVICE = """  - id: echo-tcp-2
     app: echo
@@ -76,7 +78,7 @@ def test_lab_state_parses() -> None:
     assert web.concurrency.soft_limit == 50 and web.concurrency.hard_limit == 100
     assert web.checks[0].path == "/healthz"
     assert state.services["echo-tcp"].handlers == ()
-    assert len(state.machines) == 12
+    assert len(state.machines) == 14
     assert [m.id for m in state.machines_by_app["echo"]][:2] == ["echo-ord-1", "echo-ord-2"]
     assert [s.id for s in state.services_by_app["web"]] == ["web-http"]
 
