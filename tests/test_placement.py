@@ -73,7 +73,7 @@ def test_table_carries_what_the_data_paths_need() -> None:
 
 def test_output_is_sorted_and_repeatable() -> None:
     tables = place(STATE, "edge-ord")
-    assert [t.service_id for t in tables] == ["echo-tcp", "web-http"]
+    assert [t.service_id for t in tables] == ["echo-tcp", "flood-http", "web-http"]
     assert place(STATE, "edge-ord") == tables
     assert place_service(STATE, "echo-tcp", "edge-ord") == tables[0]
 
