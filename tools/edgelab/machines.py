@@ -4,9 +4,15 @@
   echoes everything back until EOF.
 - http (services with the `http` handler): 200 on any path with `X-Machine-Id` and
   `X-Machine-Region`; echoes POST/PUT bodies; `GET /healthz` is 200; a WebSocket
-  echo on `/ws`. Test hook: a request header `X-Lab-Reply-Header: Name: value`
-  makes the response carry `Name: value` (so a test can make a machine ask for a
-  replay).
+  echo on `/ws`. Each request except `/healthz` is logged as one line
+  `request <method> <target> id=<Edgeproxy-Request-Id> replay-source=<...>` (`-`
+  when absent) on stdout, i.e. the machine's lab log.
+  Test hooks (request headers):
+  - `X-Lab-Reply-Header: Name: value` makes the response carry `Name: value` (so
+    a test can make a machine ask for a replay).
+  - `X-Lab-Delay-Ms: N` holds the response back N ms (at most 30 s).
+  - `X-Lab-Echo-Headers: 1` on a GET makes the body the request's headers as a
+    JSON list of [name, value] pairs (what the machine saw).
 
 Run as `python -m edgelab.machines {whoami|http} --id ID --region R --address A --port P`.
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,9 @@ READ_SIZE = 65536
 MAX_BODY = 8 * 1024 * 1024
 IDLE_TIMEOUT_S = 120.0  # a silent client cannot hold a connection forever
 REPLY_HEADER_HOOK = "x-lab-reply-header"
+DELAY_HOOK = b"x-lab-delay-ms"
+ECHO_HEADERS_HOOK = b"x-lab-echo-headers"
+MAX_DELAY_MS = 30_000
 BODY_ECHO_METHODS = (b"POST", b"PUT", b"PATCH")
 
 
@@ -95,6 +106,25 @@ def hooked_headers(request: h11.Request) -> list[tuple[bytes, bytes]]:
     return extra
 
 
+def delay_of(request: h11.Request) -> float:
+    """Seconds the X-Lab-Delay-Ms hook asks this machine to wait (0 without it)."""
+    value = _header(request, DELAY_HOOK)
+    if value is None or not value.strip().isdigit():
+        return 0.0
+    return min(int(value), MAX_DELAY_MS) / 1000
+
+
+def request_log_line(request: h11.Request) -> str | None:
+    """The log line for one request; None for health checks (too many to log)."""
+    if request.target.split(b"?")[0] == b"/healthz":
+        return None
+    request_id = _header(request, b"edgeproxy-request-id") or b"-"
+    source = _header(request, b"edgeproxy-replay-source") or b"-"
+    return (f"request {request.method.decode(errors='replace')} "
+            f"{request.target.decode(errors='replace')} id={request_id.decode(errors='replace')} "
+            f"replay-source={source.decode(errors='replace')}")
+
+
 def http_response(identity: Identity, request: h11.Request,
                   body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and body for one request (pure: no sockets)."""
@@ -103,6 +133,10 @@ def http_response(identity: Identity, request: h11.Request,
         payload = b"ok\n"
     elif request.method in BODY_ECHO_METHODS:
         payload = body
+    elif _header(request, ECHO_HEADERS_HOOK) is not None:
+        seen = [[bytes(k).decode("latin-1"), bytes(v).decode("latin-1")]
+                for k, v in request.headers]
+        payload = json.dumps(seen).encode() + b"\n"
     else:
         payload = (
             f"machine {identity.machine_id} region {identity.region} app {identity.app} "
@@ -163,6 +197,9 @@ class HttpConnection:
             event = await self._next_event()
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed, or a PAUSED left over from an upgrade
+            line = request_log_line(event)
+            if line is not None:
+                print(line, file=sys.stdout, flush=True)
             body = await self._read_body()
             if body is None:
                 too_big = h11.Response(status_code=413, headers=[(b"content-length", b"0")],
@@ -173,6 +210,9 @@ class HttpConnection:
                 await self._websocket(event)
                 return
             status, headers, payload = http_response(self.identity, event, body)
+            delay = delay_of(event)
+            if delay:
+                await asyncio.sleep(delay)
             await self._send(h11.Response(status_code=status, headers=headers, reason=b"OK"),
                              h11.Data(data=payload), h11.EndOfMessage())
             if self.conn.our_state is h11.MUST_CLOSE:
