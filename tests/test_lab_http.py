@@ -326,6 +326,8 @@ def test_web_routes_by_edge_region_and_forced_region(lab: LabHandle,
         (VIA_ORD, {}, 16, "ord", "ord"),
         (VIA_AMS, {}, 16, "ams", "ams"),
         (VIA_ORD, {"Edgeproxy-Force-Region": "syd"}, 4, "syd", "ord"),
+        # ams-syd is the longest link: the edge's HTTP checks must still pass over it.
+        (VIA_AMS, {"Edgeproxy-Force-Region": "syd"}, 4, "syd", "ams"),
     ]
     for source, extra, count, machine_region, edge_region in cases:
         answers = web_requests(lab, source, [get("/route", **echo, **extra)] * count)

@@ -1,4 +1,4 @@
-"""tools/lab: up, down, status, exec."""
+"""tools/lab: up, down, status, sync, machine, daemon, exec."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from edgelab import netns
 from edgelab.lab import (
     DEFAULT_STATE,
     LabError,
+    daemon_start,
+    daemon_stop,
     down,
     lab_lock,
     machine_start,
@@ -45,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     machine_cmd = commands.add_parser("machine", help="stop or start one machine's servers")
     machine_cmd.add_argument("action", choices=("stop", "start"))
     machine_cmd.add_argument("machine_id")
+    daemon_cmd = commands.add_parser("daemon", help="stop or start one node's daemon")
+    daemon_cmd.add_argument("action", choices=("stop", "start"))
+    daemon_cmd.add_argument("node")
     exec_cmd = commands.add_parser("exec", help="run a command in a node's namespace")
     exec_cmd.add_argument("node")
     exec_cmd.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
@@ -97,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "machine":
             with lab_lock():
                 (machine_stop if args.action == "stop" else machine_start)(args.machine_id)
+            return 0
+        if args.command == "daemon":
+            with lab_lock():
+                (daemon_stop if args.action == "stop" else daemon_start)(args.node)
             return 0
         if args.command == "status":
             status = lab_status()

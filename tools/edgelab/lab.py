@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from edgelab import netns
+from edgelab import netns, xdp
 from edgelab.processes import (
     LabProcess,
     is_alive,
@@ -162,6 +162,16 @@ class Builder:
         if link.delay_ms:
             for end in (a, b):
                 netns.add_netem(NAMESPACE_PREFIX + end.node, end.ifname, link.delay_ms)
+        for end, peer in ((a, b), (b, a)):
+            if self._edge_faces_client(link, peer.node):
+                xdp.attach_pass(NAMESPACE_PREFIX + end.node, end.ifname)
+
+    def _edge_faces_client(self, link: Link, node: str) -> bool:
+        """Whether `node` is the edge of a client-edge link. An edge refuses with an
+        RST sent by XDP_TX, and a veth hands such frames only to a peer that runs XDP
+        itself (see edgelab/xdp.py), so the veth facing it gets XDP_PASS."""
+        roles = {self.topo.node(n).role for n in (link.a, link.b)}
+        return roles == {"client", "edge"} and self.topo.node(node).role == "edge"
 
     def _delayed_link(self, link: Link) -> Pending:
         wire_ends = []
@@ -171,6 +181,8 @@ class Builder:
                               WIRE_NAMESPACE, wire_if, link.mtu)
             netns.batch(WIRE_NAMESPACE, [f"link set {wire_if} up"])
             netns.enable_gro(WIRE_NAMESPACE, wire_if)
+            if self._edge_faces_client(link, end.node):
+                xdp.attach_pass(WIRE_NAMESPACE, wire_if)
             wire_ends.append(wire_if)
         name = f"{link.a}--{link.b}"
         argv = [sys.executable, "-m", "edgelab.delayline", *wire_ends,
@@ -225,17 +237,15 @@ class Builder:
                           machine_dir() / f"{name}.log", ready)
 
     def daemons(self) -> list[Pending]:
-        pending = []
+        return [self.daemon(node) for node in self.topo.nodes
+                if node.role in ("edge", "worker")]
+
+    def daemon(self, node: Node) -> Pending:
         python = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
-        for node in self.topo.nodes:
-            if node.role not in ("edge", "worker"):
-                continue
-            config = write_daemon_config(node, self.topo, self.state.path)
-            argv = [python, "-m", "edgeproxy.daemon", "--config", str(config)]
-            pending.append(self.spawn(node.name, node.namespace, argv, "daemon", node.name,
-                                      node_dir(node.name) / "daemon.log",
-                                      node_dir(node.name) / "ready"))
-        return pending
+        config = write_daemon_config(node, self.topo, self.state.path)
+        argv = [python, "-m", "edgeproxy.daemon", "--config", str(config)]
+        return self.spawn(node.name, node.namespace, argv, "daemon", node.name,
+                          node_dir(node.name) / "daemon.log", node_dir(node.name) / "ready")
 
 
 def machine_process_name(machine: Machine, service: Service) -> str:
@@ -446,6 +456,52 @@ def sync(say: Say = default_say) -> None:
     _stop_machines(record, extra)
     _start_machines(record, missing, say)
     say(f"sync: started {len(missing)}, stopped {len(extra)} machines")
+
+
+# ---------------------------------------------------------------- daemons
+
+
+def _daemon_node(record: LabRecord, node_name: str) -> Node:
+    state = load_lab_state(Path(record.state_path))
+    node = next((n for n in build_topology(state).nodes if n.name == node_name), None)
+    if node is None or node.role not in ("edge", "worker"):
+        raise LabError(f"{node_name} is not an edge or worker of this lab")
+    if any(note.startswith("daemons skipped") for note in record.notes):
+        raise LabError("this lab runs without daemons")
+    return node
+
+
+def daemon_stop(node_name: str, say: Say = default_say) -> None:
+    """Stop one node's daemon (SIGTERM, then SIGKILL); its kernel programs stay."""
+    record = _up_record()
+    _daemon_node(record, node_name)
+    mine = [p for p in record.processes if p.kind == "daemon" and p.name == node_name]
+    if not any(is_alive(p) for p in mine):
+        raise LabError(f"the daemon of {node_name} is not running")
+    survivors = stop(mine)
+    if survivors:
+        raise LabError(f"the daemon of {node_name} (pid {survivors[0].pid}) survived SIGKILL")
+    record.processes = [p for p in record.processes if p not in mine]
+    record.save()
+    say(f"stopped the daemon of {node_name}")
+
+
+def daemon_start(node_name: str, say: Say = default_say) -> None:
+    """Start one node's daemon again (a no-op when it runs) and wait until it is ready.
+    A daemon that died or was killed is forgotten first."""
+    record = _up_record()
+    node = _daemon_node(record, node_name)
+    mine = [p for p in record.processes if p.kind == "daemon" and p.name == node_name]
+    if any(is_alive(p) for p in mine):
+        say(f"the daemon of {node_name} is already running")
+        return
+    record.processes = [p for p in record.processes if p not in mine]
+    record.save()
+    state = load_lab_state(Path(record.state_path))
+    builder = Builder(state, build_topology(state), say, record)
+    started = time.monotonic()
+    wait_ready([builder.daemon(node)], DAEMON_READY_TIMEOUT_S, "daemon")
+    say(f"started the daemon of {node_name} (ready in {time.monotonic() - started:.1f}s)")
 
 
 def _orphans(namespaces: list[str]) -> list[LabProcess]:
