@@ -1,0 +1,1 @@
+"""tools/bench: every figure beside its peer, measured in the same run."""
