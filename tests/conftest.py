@@ -16,13 +16,11 @@ Tests marked `root` are skipped with a reason when pytest does not run as root.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,20 +144,13 @@ def lab_tool() -> Path:
 def lab_session_lock() -> Iterator[None]:
     """One pytest session (or benchmark) owns the lab at a time: a second one that
     starts meanwhile waits here instead of taking the first one's lab down."""
-    deadline = time.monotonic() + LAB_SESSION_WAIT_S
-    with SESSION_LOCK.open("w") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another session held {SESSION_LOCK} for too long")
-                time.sleep(1.0)
-        try:
+    from edgelab.lab import held_lock
+
+    try:
+        with held_lock(SESSION_LOCK, LAB_SESSION_WAIT_S, poll_s=1.0):
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except TimeoutError as exc:
+        pytest.fail(f"another session owns the lab: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -307,25 +307,34 @@ def problems_of(record: LabRecord) -> list[str]:
 
 
 @contextlib.contextmanager
-def lab_lock() -> Iterator[None]:
-    """One up or down at a time (parallel test sessions share the one lab). The
-    lock file lives beside the run dir because `down` removes the run dir."""
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK_FILE.open("a") as lock:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
+def held_lock(path: Path, timeout_s: float, poll_s: float = READY_POLL_S) -> Iterator[None]:
+    """An exclusive flock on `path`, waited for at most `timeout_s` (TimeoutError)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LabError(f"another tools/lab up/down holds {LOCK_FILE} "
-                                   f"for more than {LOCK_TIMEOUT_S:.0f}s") from None
-                time.sleep(READY_POLL_S)
+                    raise TimeoutError(f"{path} held for more than {timeout_s:.0f}s") from None
+                time.sleep(poll_s)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def lab_lock() -> Iterator[None]:
+    """One up or down at a time (parallel test sessions share the one lab). The
+    lock file lives beside the run dir because `down` removes the run dir."""
+    try:
+        with held_lock(LOCK_FILE, LOCK_TIMEOUT_S):
+            yield
+    except TimeoutError as exc:
+        raise LabError(f"another tools/lab up/down: {exc}") from None
 
 
 def up(state_path: Path, start_daemons: bool, say: Say = default_say) -> None:
