@@ -1,15 +1,18 @@
 /* edge.bpf.c - XDP fast path of an edge host.
  *
+ * Two entry points share one core (pckt_ctx.h): edge_xdp (XDP) and edge_tc (TC
+ * clsact ingress, direct action; GSO super-packets stay whole).
  * Read top to bottom as a packet's life:
  *   count -> parse -> (IPIP reply from a worker? -> edge_return)
  *   -> raw-TCP (VIP, port)? -> conntrack hit, or choose a machine for a SYN
- *   -> DNAT to machine:internal_port -> IPIP to the machine's worker -> XDP_PASS
+ *   -> DNAT to machine:internal_port -> IPIP to the machine's worker -> PASS
  * The kernel routes the outer packet to the worker (ip_forward on the edge).
  * Everything that is not ours goes to the kernel untouched.
  */
 #define EDGEPROXY_EDGE 1
 
 #include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
@@ -20,6 +23,9 @@
 #include "pckt_parsing.h"
 #include "pckt_encap.h"
 #include "flow_hash.h"
+
+#define IP_DST_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, daddr))
+#define TCP_DPORT_OFF (sizeof(struct ethhdr) + sizeof(struct iphdr) + offsetof(struct tcphdr, dest))
 
 /* ---------------------------------------------------------------- counters */
 
@@ -203,10 +209,10 @@ static __always_inline int flood_exceeded(struct dp_config *cfg)
 
 /* Answer a SYN (no ACK) with RST|ACK built in place, sent back out with XDP_TX:
  * addresses and ports swapped, seq 0, ack = SYN's seq + 1 + payload, no options. */
-static __always_inline int send_rst(struct xdp_md *ctx, __u32 payload)
+static __always_inline int send_rst(void *ctx, const int tc, __u32 payload)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
+    void *data = ep_data(ctx, tc);
+    void *data_end = ep_data_end(ctx, tc);
     struct ethhdr *eth = data;
     struct iphdr *ip = (void *)(eth + 1);
     struct tcphdr *tcp = (void *)(ip + 1);
@@ -243,9 +249,7 @@ static __always_inline int send_rst(struct xdp_md *ctx, __u32 payload)
                 (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(struct tcphdr));
     tcp->check = ep_csum_fold(ep_csum_add_words(sum, (__u16 *)tcp, sizeof(struct tcphdr) / 2));
 
-    int keep = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr);
-    int delta = keep - (int)(data_end - data);
-    if (delta && bpf_xdp_adjust_tail(ctx, delta)) {
+    if (ep_trim(ctx, tc, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr))) {
         anomaly_inc(ANOM_HEADROOM);
         return drop();
     }
@@ -254,13 +258,13 @@ static __always_inline int send_rst(struct xdp_md *ctx, __u32 payload)
 }
 
 /* No machine for a new flow (full, flood cap): RST or drop, per config */
-static __always_inline int refuse(struct xdp_md *ctx, struct dp_config *cfg,
+static __always_inline int refuse(void *ctx, const int tc, struct dp_config *cfg,
                                   struct service_stats *ss, __u32 payload)
 {
     if (cfg->flags & CFG_REFUSE_RST) {
         if (ss)
             ss->refused += 1;
-        return send_rst(ctx, payload);
+        return send_rst(ctx, tc, payload);
     }
     if (ss)
         ss->dropped += 1;
@@ -268,7 +272,8 @@ static __always_inline int refuse(struct xdp_md *ctx, struct dp_config *cfg,
 }
 
 /* DNAT the inner packet to machine:internal_port, then IPIP it to the worker */
-static __always_inline int forward(struct xdp_md *ctx, struct dp_config *cfg, __u32 machine)
+static __always_inline int forward(void *ctx, const int tc, struct dp_config *cfg,
+                                   __u32 machine)
 {
     struct machine_value *m = machines.lookup(&machine);
     if (!m || !(m->flags & MACHINE_F_IN_USE)) {
@@ -278,39 +283,36 @@ static __always_inline int forward(struct xdp_md *ctx, struct dp_config *cfg, __
     __u32 maddr = m->addr, worker = m->worker;
     __u16 mport = m->port;
 
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
+    void *data = ep_data(ctx, tc);
+    void *data_end = ep_data_end(ctx, tc);
     struct iphdr *ip = data + sizeof(struct ethhdr);
     struct tcphdr *tcp = (void *)(ip + 1);
     if ((void *)(tcp + 1) > data_end)
         return drop();
     __u32 vip = ip->daddr;
     __u16 vport = tcp->dest;
-    ip->check = ep_csum_replace4(ip->check, vip, maddr);
-    tcp->check = ep_csum_replace4(tcp->check, vip, maddr);   /* pseudo header */
-    tcp->check = ep_csum_replace2(tcp->check, vport, mport);
-    ip->daddr = maddr;
-    tcp->dest = mport;
+    ep_nat(ctx, tc, IP_DST_OFF, vip, maddr, TCP_DPORT_OFF, vport, mport);
 
-    if (xdp_encap_to_worker(ctx, cfg->host_addr, worker, vip, vport)) {
+    if (ep_encap_to_worker(ctx, tc, cfg->host_addr, worker, vip, vport)) {
         anomaly_inc(ANOM_HEADROOM);
         return drop();
     }
     stat_inc(STAT_FORWARDED);
-    return XDP_PASS;
+    return EP_PASS;
 }
 
 /* ------------------------------------------------- worker -> edge replies */
 
-static __always_inline int edge_return(struct xdp_md *ctx)
+static __always_inline int edge_return(void *ctx, const int tc)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
+    void *data = ep_data(ctx, tc);
+    void *data_end = ep_data_end(ctx, tc);
     struct iphdr *outer = data + sizeof(struct ethhdr);
     struct iphdr *inner = (void *)(outer + 1);
     if ((void *)(inner + 1) > data_end || outer->ihl != 5 || ip_is_fragment(outer) ||
         inner->version != 4 || inner->ihl != 5 || inner->protocol != IPPROTO_TCP ||
-        ip_is_fragment(inner) || (void *)inner + bpf_ntohs(inner->tot_len) > data_end) {
+        ip_is_fragment(inner) ||
+        sizeof(struct ethhdr) + OUTER_LEN_PLAIN + bpf_ntohs(inner->tot_len) > ep_len(ctx, tc)) {
         anomaly_inc(ANOM_BAD_IPIP);
         return pass();
     }
@@ -337,20 +339,20 @@ static __always_inline int edge_return(struct xdp_md *ctx)
     } else {
         anomaly_inc(ANOM_RETURN_NO_CT);
     }
-    if (xdp_decap(ctx, OUTER_LEN_PLAIN)) {
+    if (ep_decap(ctx, tc, OUTER_LEN_PLAIN)) {
         anomaly_inc(ANOM_HEADROOM);
         return drop();
     }
     stat_inc(STAT_RETURNED);
-    return XDP_PASS;
+    return EP_PASS;
 }
 
 /* ---------------------------------------------------- client -> VIP packets */
 
-static __always_inline int edge_forward(struct xdp_md *ctx, struct dp_config *cfg)
+static __always_inline int edge_forward(void *ctx, const int tc, struct dp_config *cfg)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
+    void *data = ep_data(ctx, tc);
+    void *data_end = ep_data_end(ctx, tc);
     struct iphdr *ip = data + sizeof(struct ethhdr);
     if ((void *)(ip + 1) > data_end)
         return pass();
@@ -385,7 +387,6 @@ static __always_inline int edge_forward(struct xdp_md *ctx, struct dp_config *cf
     }
     int new_syn = (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     __u32 svc_id = svc->id;
-    struct service_stats *ss = service_stats.lookup(&svc_id);
 
     struct ct_key ck = {.saddr = ip->saddr, .daddr = ip->daddr,
                         .sport = tcp->source, .dport = tcp->dest, .proto = IPPROTO_TCP};
@@ -408,9 +409,11 @@ static __always_inline int edge_forward(struct xdp_md *ctx, struct dp_config *cf
         ct->last_seen_ns = bpf_ktime_get_ns();
         count_packet(machine, payload, 0);
         track_close(ct, flags, CT_FIN_IN);
-        return forward(ctx, cfg, machine);
+        return forward(ctx, tc, cfg, machine);
     }
 
+    /* only the rarer paths below count per service: no lookup when established */
+    struct service_stats *ss = service_stats.lookup(&svc_id);
     __u32 hash = flow_hash(ck.saddr, ck.daddr, ck.sport, ck.dport);
     if (!new_syn) {
         anomaly_inc(ANOM_CT_MISS);
@@ -419,7 +422,7 @@ static __always_inline int edge_forward(struct xdp_md *ctx, struct dp_config *cf
         if (ss)
             ss->resteered += 1;
         count_packet(machine, payload, 0);
-        return forward(ctx, cfg, machine);
+        return forward(ctx, tc, cfg, machine);
     }
 
     /* a new flow */
@@ -427,13 +430,13 @@ static __always_inline int edge_forward(struct xdp_md *ctx, struct dp_config *cf
         anomaly_inc(ANOM_FLOOD);
         if (ss)
             ss->flood += 1;
-        return refuse(ctx, cfg, ss, payload);
+        return refuse(ctx, tc, cfg, ss, payload);
     }
     if (pick_machine(svc, hash, &machine)) {
         anomaly_inc(ANOM_NO_BACKEND);
         if (ss)
             ss->no_backend += 1;
-        return refuse(ctx, cfg, ss, payload);
+        return refuse(ctx, tc, cfg, ss, payload);
     }
     struct ct_value nv = {.flags = 0, .last_seen_ns = bpf_ktime_get_ns(),
                           .machine = machine, .service = svc_id};
@@ -447,21 +450,21 @@ static __always_inline int edge_forward(struct xdp_md *ctx, struct dp_config *cf
             return drop();
         machine = ct->machine;
         count_packet(machine, payload, 0);
-        return forward(ctx, cfg, machine);
+        return forward(ctx, tc, cfg, machine);
     }
     struct machine_stats *ms = machine_stats.lookup(&machine);
     if (ms)
         ms->opened += 1;
     count_packet(machine, payload, 0);
-    return forward(ctx, cfg, machine);
+    return forward(ctx, tc, cfg, machine);
 }
 
 /* ------------------------------------------------------------ entry point */
 
-int edge_xdp(struct xdp_md *ctx)
+static __always_inline int edge_core(void *ctx, const int tc)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
+    void *data = ep_data(ctx, tc);
+    void *data_end = ep_data_end(ctx, tc);
     stat_inc(STAT_PACKETS);
 
     struct ethhdr *eth = data;
@@ -475,7 +478,7 @@ int edge_xdp(struct xdp_md *ctx)
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 ||
         bpf_ntohs(ip->tot_len) < ip->ihl * 4 ||
-        (void *)ip + bpf_ntohs(ip->tot_len) > data_end) {
+        sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len) > ep_len(ctx, tc)) {
         anomaly_inc(ANOM_BAD_IP);
         return pass();   /* the kernel validates IP headers and drops these itself */
     }
@@ -485,8 +488,20 @@ int edge_xdp(struct xdp_md *ctx)
     if (!cfg)
         return pass();
     if (ip->protocol == IPPROTO_IPIP && ip->daddr == cfg->host_addr)
-        return edge_return(ctx);
-    return edge_forward(ctx, cfg);
+        return edge_return(ctx, tc);
+    return edge_forward(ctx, tc, cfg);
+}
+
+int edge_xdp(struct xdp_md *ctx)
+{
+    return edge_core(ctx, 0);
+}
+
+/* TC clsact ingress, direct action: the same core on an skb */
+int edge_tc(struct __sk_buff *skb)
+{
+    ep_pull_headers(skb);
+    return tc_verdict(skb, edge_core(skb, 1));
 }
 
 /* --------------------------------------------- idle sweep (test-run only) */

@@ -58,6 +58,14 @@
 #define CT_EXPIRED  16ULL   /* closed by the idle sweep */
 #define CT_REUSED   32ULL   /* a new SYN claimed this closed entry (cmpxchg winner) */
 
+/* ---- worker_flow_value.flags (u64 for the same reason) ----------------- */
+#define WF_FIN_IN   1ULL    /* client sent FIN (seen on ingress) */
+#define WF_FIN_OUT  2ULL    /* machine sent FIN (seen on egress) */
+#define WF_RST      4ULL    /* RST either way */
+/* closed = WF_RST, or both FINs: only the close's own tail (ACKs, retransmitted
+ * FINs) is still reverse-NATed; a SYN on the tuple ends the entry */
+#define WF_ROUTE_WORDS 7    /* worker_flow_value words before pad2/flags */
+
 /* ---- edge_stats: per-CPU array, index = offset ------------------------ */
 #define STAT_PACKETS    0   /* every packet the edge program saw */
 #define STAT_FORWARDED  1   /* client->VIP packets DNATed + encapsulated */

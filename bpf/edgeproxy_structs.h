@@ -118,7 +118,9 @@ struct sweep_request {
     __u64 idle_ns;
 };
 
-/* worker_flows: machine-side 4-tuple -> how to send the reply back */
+/* worker_flows: machine-side 4-tuple -> how to send the reply back. The first
+ * WF_ROUTE_WORDS 32-bit words are the route (compared on ingress to write only on
+ * change); flags follow. */
 struct worker_flow_key {
     __u32 machine_addr;
     __u32 client_addr;
@@ -134,6 +136,8 @@ struct worker_flow_value {
     __u8 edge_mac[6];   /* L2 source of the edge's packets */
     __u8 local_mac[6];  /* our L2 address on that link */
     __u16 pad;
+    __u32 pad2;
+    __u64 flags;        /* WF_*: how far the connection has closed; atomics only */
 };
 
 #endif

@@ -9,17 +9,21 @@
 
 #include "csum_helpers.h"
 #include "pckt_parsing.h"
+#include "pckt_ctx.h"
 
 #define OUTER_LEN_EDGE (sizeof(struct iphdr) + EP_IPOPT_LEN)   /* 28: IHL 7 */
 #define OUTER_LEN_PLAIN (sizeof(struct iphdr))                 /* 20: IHL 5 */
 
-/* XDP: put an outer IPv4 header with our option between Ethernet and the inner
- * IPv4 header. Returns 0 or -1 (no headroom). */
-static __always_inline int xdp_encap_to_worker(struct xdp_md *ctx, __u32 saddr, __u32 daddr,
-                                               __u32 vip, __u16 vport)
+/* Put an outer IPv4 header with our option between Ethernet and the inner IPv4
+ * header (XDP: adjust_head; TC: adjust_room with ENCAP_L3_IPV4, GSO kept whole:
+ * the kernel marks the skb IPXIP4 and lowers gso_size by the 28 bytes, and GSO
+ * copies the outer header, option included, into every segment if it must cut).
+ * Returns 0 or -1 (no headroom). */
+static __always_inline int ep_encap_to_worker(void *ctx, const int tc, __u32 saddr,
+                                              __u32 daddr, __u32 vip, __u16 vport)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
+    void *data = ep_data(ctx, tc);
+    void *data_end = ep_data_end(ctx, tc);
     struct iphdr *inner = data + sizeof(struct ethhdr);
     if ((void *)(inner + 1) > data_end)
         return -1;
@@ -27,50 +31,23 @@ static __always_inline int xdp_encap_to_worker(struct xdp_md *ctx, __u32 saddr, 
     __u8 tos = inner->tos;
     __u16 df = inner->frag_off & bpf_htons(IP_DF);
 
-    if (bpf_xdp_adjust_head(ctx, -(int)OUTER_LEN_EDGE))
+    if (ep_grow_outer(ctx, tc, OUTER_LEN_EDGE))
         return -1;
-    data = (void *)(long)ctx->data;
-    data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
+    data = ep_data(ctx, tc);
+    data_end = ep_data_end(ctx, tc);
     struct iphdr *outer = data + sizeof(struct ethhdr);
-    /* the old Ethernet header now starts OUTER_LEN_EDGE bytes in; this bound
-     * covers it, the new one and the outer header (verifier) */
     if (data + sizeof(struct ethhdr) + OUTER_LEN_EDGE > data_end)
         return -1;
-    __builtin_memcpy(eth, data + OUTER_LEN_EDGE, sizeof(struct ethhdr));
-
-    outer->version = 4;
-    outer->ihl = OUTER_LEN_EDGE / 4;
-    outer->tos = tos;
-    outer->tot_len = outer_len;
-    outer->id = 0;
-    outer->frag_off = df;
-    outer->ttl = DEFAULT_TTL;
-    outer->protocol = IPPROTO_IPIP;
-    outer->check = 0;
-    outer->saddr = saddr;
-    outer->daddr = daddr;
-    __u8 *opt = (void *)(outer + 1);
-    opt[0] = EP_IPOPT_TYPE;
-    opt[1] = EP_IPOPT_LEN;
-    __builtin_memcpy(opt + 2, &vport, sizeof(vport));
-    __builtin_memcpy(opt + 4, &vip, sizeof(vip));
+    /* seven 32-bit words: 4 + 1 (option) stores of constants/values, then the sum */
+    __u32 *w = (void *)outer;
+    w[0] = bpf_htonl((0x47 << 24) | (tos << 16)) | ((__u32)outer_len << 16);
+    w[1] = (__u32)df << 16;                      /* id 0, frag_off = DF */
+    w[2] = bpf_htonl((DEFAULT_TTL << 24) | (IPPROTO_IPIP << 16));   /* check 0 */
+    w[3] = saddr;
+    w[4] = daddr;
+    w[5] = bpf_htonl((EP_IPOPT_TYPE << 24) | (EP_IPOPT_LEN << 16)) | ((__u32)vport << 16);
+    w[6] = vip;
     outer->check = ep_csum_fold(ep_csum_add_words(0, (__u16 *)outer, OUTER_LEN_EDGE / 2));
-    return 0;
-}
-
-/* XDP: drop the outer_len bytes of outer IPv4 header after Ethernet, keeping
- * the Ethernet header. Returns 0 or -1. */
-static __always_inline int xdp_decap(struct xdp_md *ctx, const int outer_len)
-{
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    if (data + outer_len + sizeof(struct ethhdr) > data_end)
-        return -1;
-    /* outer_len >= 20 > ETH_HLEN: source and destination do not overlap */
-    __builtin_memcpy(data + outer_len, data, sizeof(struct ethhdr));
-    if (bpf_xdp_adjust_head(ctx, outer_len))
-        return -1;
     return 0;
 }
 

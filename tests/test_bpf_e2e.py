@@ -32,7 +32,12 @@ TAG = f"ept{os.getpid() % 100000}"
 NS_C, NS_E, NS_W = f"{TAG}c", f"{TAG}e", f"{TAG}w"
 EDGE_HOST, WORKER_HOST = "198.18.200.129", "198.18.200.130"
 MACHINE, VIP = "198.18.201.1", "198.19.200.1"
-INSTANCE_E, INSTANCE_W = f"test-{os.getpid()}-e2e-edge", f"test-{os.getpid()}-e2e-worker"
+ATTACH_MODES = ("xdp", "tc")
+
+
+def instances(mode: str) -> tuple[str, str]:
+    """(edge, worker) instance names of one attach mode's run."""
+    return f"test-{os.getpid()}-e2e-{mode}-edge", f"test-{os.getpid()}-e2e-{mode}-worker"
 
 ECHO_SERVER = textwrap.dedent(
     """
@@ -78,9 +83,9 @@ LOADER = textwrap.dedent(
     kw = dict(max_services=64, max_machines=64, max_flows=1024, max_maglev_slots=8192,
               max_backend_entries=1024)
     edge = Dataplane(DataplaneConfig("%(ie)s", "edge", A("%(eh)s"), ("e0", "e1"), netns="%(ne)s",
-                                     **kw))
+                                     attach=sys.argv[1], **kw))
     worker = Dataplane(DataplaneConfig("%(iw)s", "worker", A("%(wh)s"), ("w0",),
-                                       netns="%(nw)s", **kw))
+                                       netns="%(nw)s", attach=sys.argv[1], **kw))
     edge.load(); worker.load()
     m = Backend("m1", "echo", "ord", A("%(m)s"), 7000, A("%(wh)s"))
     edge.sync([ServiceTable("echo-tcp", "echo", (A("%(vip)s"),), (7,), (), "connections",
@@ -88,8 +93,8 @@ LOADER = textwrap.dedent(
     print("loaded")
 """
     % dict(
-        ie=INSTANCE_E,
-        iw=INSTANCE_W,
+        ie="%(ie)s",
+        iw="%(iw)s",
         eh=EDGE_HOST,
         wh=WORKER_HOST,
         ne=NS_E,
@@ -169,8 +174,9 @@ def topo() -> Iterator[subprocess.Popen[str]]:
         if server is not None:
             server.kill()
             server.wait(timeout=10)
-        for inst in (INSTANCE_E, INSTANCE_W):
-            subprocess.run(["rm", "-rf", f"/sys/fs/bpf/edgeproxy/{inst}"], check=False)
+        for mode in ATTACH_MODES:
+            for inst in instances(mode):
+                subprocess.run(["rm", "-rf", f"/sys/fs/bpf/edgeproxy/{inst}"], check=False)
         for ns in (NS_C, NS_E, NS_W):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
@@ -179,10 +185,10 @@ def connect(nbytes: int) -> str:
     return nsx(NS_C, PY, "-c", CLIENT, str(nbytes)).strip()
 
 
-def edge_view() -> Dataplane:
+def edge_view(mode: str) -> Dataplane:
     dp = Dataplane(
         DataplaneConfig(
-            INSTANCE_E,
+            instances(mode)[0],
             "edge",
             IPv4Address(EDGE_HOST),
             ("e0", "e1"),
@@ -203,9 +209,14 @@ def wait_closed(dp: Dataplane, opened: int) -> None:
         time.sleep(0.1)
 
 
-def test_echo_through_the_fast_path(topo: subprocess.Popen[str]) -> None:
+@pytest.mark.parametrize("mode", ATTACH_MODES)
+def test_echo_through_the_fast_path(topo: subprocess.Popen[str], mode: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO / "control"))
-    done = subprocess.run([PY, "-c", LOADER], env=env, capture_output=True, text=True, timeout=60)
+    ie, iw = instances(mode)
+    loader = LOADER % dict(ie=ie, iw=iw)
+    done = subprocess.run(
+        [PY, "-c", loader, mode], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]
     # the loader process has exited: programs stay attached, maps stay pinned
 
@@ -215,7 +226,7 @@ def test_echo_through_the_fast_path(topo: subprocess.Popen[str]) -> None:
     sockets = nsx(NS_E, "ss", "-tan")
     assert VIP not in sockets and "198.18.200.2" not in sockets, sockets
 
-    dp = edge_view()
+    dp = edge_view(mode)
     try:
         wait_closed(dp, 1)
         c = dp.read_counters().machine("m1")
@@ -229,7 +240,7 @@ def test_echo_through_the_fast_path(topo: subprocess.Popen[str]) -> None:
 
         # restart the loader in-process: re-adopts, re-attaches; counters survive
         cfg = DataplaneConfig(
-            INSTANCE_E,
+            ie,
             "edge",
             IPv4Address(EDGE_HOST),
             ("e0", "e1"),
@@ -239,6 +250,7 @@ def test_echo_through_the_fast_path(topo: subprocess.Popen[str]) -> None:
             max_flows=1024,
             max_maglev_slots=8192,
             max_backend_entries=1024,
+            attach=mode,  # type: ignore[arg-type]
         )
         restarted = Dataplane(cfg)
         restarted.load()
@@ -253,5 +265,16 @@ def test_echo_through_the_fast_path(topo: subprocess.Popen[str]) -> None:
             restarted.close()
     finally:
         dp.close()
-    # XDP is still attached on the edge interfaces after every loader let go
-    assert "xdp" in nsx(NS_E, "ip", "link", "show", "e0")
+    # still attached on the edge interfaces after every loader let go, in the one mode
+    link = nsx(NS_E, "ip", "link", "show", "e0")
+    ingress = nsx(NS_E, "tc", "filter", "show", "dev", "e0", "ingress")
+    if mode == "xdp":
+        assert "xdp" in link and "edge_tc" not in ingress
+    else:
+        assert "xdp" not in link and "edge_tc" in ingress, (link, ingress)
+        assert "worker_ingress_tc" in nsx(NS_W, "tc", "filter", "show", "dev", "w0", "ingress")
+    # detach this mode's programs so the next mode starts from a bare topology
+    for inst, role, host, ifs, ns in ((ie, "edge", EDGE_HOST, ("e0", "e1"), NS_E),
+                                      (iw, "worker", WORKER_HOST, ("w0",), NS_W)):
+        Dataplane(DataplaneConfig(inst, role, IPv4Address(host), ifs, netns=ns,  # type: ignore[arg-type]
+                                  attach=mode)).unload()  # type: ignore[arg-type]

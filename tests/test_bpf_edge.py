@@ -10,6 +10,7 @@ import pytest
 from scapy.all import ICMP, IP, TCP, UDP, Ether, raw  # type: ignore[import-untyped]
 
 from bpf_harness import (
+    ATTACH_MODES,
     CLIENT,
     CLIENT_MAC,
     EDGE,
@@ -49,11 +50,17 @@ def edge_loaded() -> Iterator[Dataplane]:
     yield from loaded(small_config("edge", "edge"))
 
 
-@pytest.fixture
-def dp(edge_loaded: Dataplane) -> Dataplane:
+@pytest.fixture(params=ATTACH_MODES)
+def dp(edge_loaded: Dataplane, request: pytest.FixtureRequest) -> Dataplane:
+    """The loaded edge, wiped; ``run(dp, "edge_xdp", ...)`` runs edge_xdp or, in the
+    "tc" case, edge_tc (the same core on an skb) with the same expectations."""
     reset(edge_loaded)
     edge_loaded.config = dataclasses.replace(
-        edge_loaded.config, refuse_with_rst=True, resteer_without_conntrack=True, flood_cap=0
+        edge_loaded.config,
+        refuse_with_rst=True,
+        resteer_without_conntrack=True,
+        flood_cap=0,
+        attach=request.param,
     )
     edge_loaded._write_config()
     return edge_loaded
@@ -356,10 +363,12 @@ BAD["doff_beyond"] = (_patched(14 + 20 + 12, 0xF0), XDP_DROP, "bad_doff")
 
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_packets(dp: Dataplane, name: str) -> None:
+    pkt, verdict, kind = BAD[name]
+    if dp.config.attach == "tc" and name in ("eth_only", "trunc_ip"):
+        pytest.skip("BPF_PROG_TEST_RUN refuses an skb whose IPv4 header is cut short")
     dp.sync([table((M1,))])
     open_flow(dp, 40000)
     before = bytes(ct_of(dp) or bm.CtValue())
-    pkt, verdict, kind = BAD[name]
     rc, out = run(dp, "edge_xdp", pkt)
     assert rc == verdict
     if verdict == XDP_PASS:

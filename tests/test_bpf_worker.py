@@ -9,6 +9,7 @@ import pytest
 from scapy.all import IP, TCP, Ether, IPOption, raw  # type: ignore[import-untyped]
 
 from bpf_harness import (
+    ATTACH_MODES,
     CLIENT,
     EDGE,
     TC_ACT_OK,
@@ -32,10 +33,11 @@ WORKER_LINK_MAC = "02:00:00:00:00:0f"
 MACHINE = "198.18.201.1"
 
 
-@pytest.fixture
-def dp() -> Iterator[Dataplane]:
+@pytest.fixture(params=ATTACH_MODES)
+def dp(request: pytest.FixtureRequest) -> Iterator[Dataplane]:
+    """A worker instance; "worker_ingress" runs as worker_ingress_tc in the "tc" case."""
     need_root_kernel()
-    yield from loaded(small_config("worker", "worker"))
+    yield from loaded(small_config("worker", "worker", attach=request.param))
 
 
 def from_edge(
@@ -130,3 +132,63 @@ def test_egress_leaves_unknown_flows_alone(dp: Dataplane) -> None:
         raw(Ether() / IP(src=MACHINE, dst="198.18.200.55") / TCP(sport=7000, dport=1)),
     ):
         assert run(dp, "worker_egress", pkt) == (TC_ACT_OK, pkt)
+
+
+def flow_flags(dp: Dataplane) -> int | None:
+    rows = list(dp.maps["worker_flows"].items())
+    return int(rows[0][1].flags) if rows else None
+
+
+@pytest.mark.parametrize("first", ["client", "machine"])
+def test_closed_flow_stops_rewriting_a_direct_connection(dp: Dataplane, first: str) -> None:
+    """The bug: an entry outliving its connection re-NATed a later routed connection
+    on the same tuple. After FINs both ways only the close's tail is rewritten; the
+    next SYN-ACK on the tuple (not through us) is left alone and the entry forgotten."""
+    run(dp, "worker_ingress", from_edge("S"))
+    assert run(dp, "worker_egress", from_machine("SA"))[0] == TC_ACT_REDIRECT
+    if first == "client":
+        run(dp, "worker_ingress", from_edge("FA"))
+        assert flow_flags(dp) == bm.WF_FIN_IN
+        assert run(dp, "worker_egress", from_machine("FA"))[0] == TC_ACT_REDIRECT
+    else:
+        assert run(dp, "worker_egress", from_machine("FA"))[0] == TC_ACT_REDIRECT
+        assert flow_flags(dp) == bm.WF_FIN_OUT
+        run(dp, "worker_ingress", from_edge("FA"))
+    assert flow_flags(dp) == bm.WF_FIN_IN | bm.WF_FIN_OUT
+    # the tail: the last ACKs still go back through the edge, the entry stays closed
+    run(dp, "worker_ingress", from_edge("A"))
+    assert run(dp, "worker_egress", from_machine("A"))[0] == TC_ACT_REDIRECT
+    assert flow_flags(dp) == bm.WF_FIN_IN | bm.WF_FIN_OUT
+    # a direct connection reusing the tuple: untouched, and the entry is gone
+    direct = from_machine("SA", payload=b"")
+    assert run(dp, "worker_egress", direct) == (TC_ACT_OK, direct)
+    assert list(dp.maps["worker_flows"].keys()) == []
+    data = from_machine("PA", payload=b"direct\n")
+    assert run(dp, "worker_egress", data) == (TC_ACT_OK, data)
+
+
+@pytest.mark.parametrize("side", ["client", "machine"])
+def test_rst_closes_the_flow(dp: Dataplane, side: str) -> None:
+    run(dp, "worker_ingress", from_edge("S"))
+    if side == "client":
+        run(dp, "worker_ingress", from_edge("R"))
+    else:
+        assert run(dp, "worker_egress", from_machine("R"))[0] == TC_ACT_REDIRECT
+    assert flow_flags(dp) == bm.WF_RST
+    direct = from_machine("SA")
+    assert run(dp, "worker_egress", direct) == (TC_ACT_OK, direct)
+    assert list(dp.maps["worker_flows"].keys()) == []
+    # a stray RST for an unknown flow creates nothing
+    run(dp, "worker_ingress", from_edge("R"))
+    assert list(dp.maps["worker_flows"].keys()) == []
+
+
+def test_new_syn_through_the_edge_revives_a_closed_tuple(dp: Dataplane) -> None:
+    run(dp, "worker_ingress", from_edge("S"))
+    run(dp, "worker_ingress", from_edge("R"))
+    assert flow_flags(dp) == bm.WF_RST
+    run(dp, "worker_ingress", from_edge("A"))  # the tail does not revive it
+    assert flow_flags(dp) == bm.WF_RST
+    run(dp, "worker_ingress", from_edge("S"))
+    assert flow_flags(dp) == 0
+    assert run(dp, "worker_egress", from_machine("SA"))[0] == TC_ACT_REDIRECT

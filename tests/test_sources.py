@@ -270,3 +270,81 @@ def test_make_source_picks_by_config(state_file: Path, database: Path) -> None:
         make_source({"source": "file"})
     with pytest.raises(ValueError, match="poll_interval"):
         make_source({"path": str(state_file), "poll_interval": 0})
+
+
+# ------------------------------------------------------- SQLite: changed rows only
+
+
+def test_sqlite_one_machine_change_reads_only_that_row(database: Path) -> None:
+    source = SqliteSource(database)
+    try:
+        before = source.current()
+        reads = source.full_reads
+        write_from_another_process(
+            database, "UPDATE machines SET state = 'stopped' WHERE id = ?", "echo-ord-1"
+        )
+        state = source.poll()
+        assert state is not None and source.full_reads == reads
+        assert state.changed_apps == {"echo"}
+        assert state.machines["echo-ord-1"].state == "stopped"
+        # untouched entities are the very same objects
+        assert state.machines["echo-ord-2"] is before.machines["echo-ord-2"]
+        assert state.services is before.services
+        # equal to a fresh read of the whole database
+        fresh = SqliteSource(database)
+        try:
+            assert fresh.current() == state
+            assert fresh.current().machines_by_app.keys() == state.machines_by_app.keys()
+            for app, members in fresh.current().machines_by_app.items():
+                assert sorted(m.id for m in members) == sorted(
+                    m.id for m in state.machines_by_app[app]
+                )
+        finally:
+            fresh.close()
+        # a new machine and a deleted one, likewise
+        write_from_another_process(database, "DELETE FROM machines WHERE id = ?", "echo-ord-2")
+        state = source.poll()
+        assert state is not None and "echo-ord-2" not in state.machines
+        assert source.full_reads == reads
+    finally:
+        source.close()
+
+
+def test_sqlite_incremental_refusal_names_the_row_and_recovers(database: Path) -> None:
+    source = SqliteSource(database)
+    try:
+        taken = str(STATE.hosts["worker-ord"].address)
+        write_from_another_process(
+            database, "UPDATE machines SET address = ? WHERE id = ?", taken, "echo-ord-1"
+        )
+        assert source.poll() is None and source.rejected == 1
+        assert source.last_error == (
+            f"{database}: machines[id=echo-ord-1].address: "
+            f"{taken} is already host worker-ord's address"
+        )
+        assert source.current() == STATE
+        # the repair reads everything again (the log moved past a refused change)
+        write_from_another_process(
+            database,
+            "UPDATE machines SET address = ? WHERE id = ?",
+            str(STATE.machines["echo-ord-1"].address),
+            "echo-ord-1",
+        )
+        state = source.poll()
+        assert state == STATE and state.changed_apps is None
+    finally:
+        source.close()
+
+
+def test_sqlite_bulk_or_structural_changes_read_everything(database: Path) -> None:
+    source = SqliteSource(database)
+    try:
+        reads = source.full_reads
+        write_from_another_process(
+            database, "UPDATE hosts SET address = '198.18.99.99' WHERE id = ?", "worker-ord"
+        )
+        state = source.poll()
+        assert state is not None and source.full_reads == reads + 1
+        assert state.changed_apps is None
+    finally:
+        source.close()

@@ -37,6 +37,9 @@ CT_RST = 4
 CT_CLOSED = 8
 CT_EXPIRED = 16
 CT_REUSED = 32
+WF_FIN_IN = 1
+WF_FIN_OUT = 2
+WF_RST = 4
 
 SWEEP_KEPT = 0
 SWEEP_EXPIRED = 1
@@ -79,6 +82,9 @@ C_CONSTANTS: dict[str, int] = {
     "CT_CLOSED": CT_CLOSED,
     "CT_EXPIRED": CT_EXPIRED,
     "CT_REUSED": CT_REUSED,
+    "WF_FIN_IN": WF_FIN_IN,
+    "WF_FIN_OUT": WF_FIN_OUT,
+    "WF_RST": WF_RST,
     "SWEEP_KEPT": SWEEP_KEPT,
     "SWEEP_EXPIRED": SWEEP_EXPIRED,
     "SWEEP_REMOVED": SWEEP_REMOVED,
@@ -189,7 +195,8 @@ class WorkerFlowKey(ct.Structure):
 class WorkerFlowValue(ct.Structure):
     _fields_ = [("vip", ct.c_uint32), ("edge", ct.c_uint32), ("ifindex", ct.c_uint32),
                 ("vport", ct.c_uint16), ("edge_mac", ct.c_uint8 * 6),
-                ("local_mac", ct.c_uint8 * 6), ("pad", ct.c_uint16)]
+                ("local_mac", ct.c_uint8 * 6), ("pad", ct.c_uint16),
+                ("pad2", ct.c_uint32), ("flags", ct.c_uint64)]
 
 
 U32 = ct.c_uint32
@@ -269,6 +276,8 @@ BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -292,6 +301,18 @@ def bpf(cmd: int, attr: ct.Structure, size: int | None = None) -> int:
 class _MapElemAttr(ct.Structure):
     _fields_ = [("map_fd", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64),
                 ("value", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+class _BatchAttr(ct.Structure):
+    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
+                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
+                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+#: errors that mean "this map (type) has no batch op": fall back to one call per entry
+_NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, 524}  # 524: the kernel's ENOTSUPP
+#: entries per batch syscall (bounds the kernel's work per call and our buffers)
+BATCH_CHUNK = 65536
 
 
 class _ObjAttr(ct.Structure):
@@ -379,6 +400,7 @@ class BpfMap:
                 f"!= mirror key={ct.sizeof(key_type)} value={ct.sizeof(value_type)} "
                 "(pinned by another version? unload first)")
         self.max_entries = int(info.max_entries)
+        self.batch_ok = True  # False: BPF_MAP_*_BATCH unsupported (or off), one call per entry
 
     @classmethod
     def open_pinned(cls, path: Path, key_type: CType, value_type: CType,
@@ -440,6 +462,91 @@ class BpfMap:
                 return False
             raise
         return True
+
+    # ----------------------------------------------------------- batch ops
+
+    def _values_for_kernel(self, values: bytes | bytearray, count: int) -> bytearray:
+        """Per-CPU maps take every CPU's copy: repeat each (padded) value ncpu times."""
+        if not self.percpu:
+            return values if isinstance(values, bytearray) else bytearray(values)
+        size = ct.sizeof(self.value_type)
+        one = [bytes(values[i * size:(i + 1) * size]).ljust(self._stride, b"\0") * self._ncpu
+               for i in range(count)]
+        return bytearray(b"".join(one))
+
+    def update_batch(self, keys: bytes | bytearray, values: bytes | bytearray,
+                     flags: int = BPF_ANY) -> None:
+        """Write ``len(keys) / key size`` entries, packed back to back, in order.
+
+        BPF_MAP_UPDATE_BATCH in chunks of ``BATCH_CHUNK``; a map type without it
+        (or ``batch_ok`` False) gets one BPF_MAP_UPDATE_ELEM per entry, same order.
+        """
+        ks = ct.sizeof(self.key_type)
+        count = len(keys) // ks
+        if count == 0:
+            return
+        kbuf = keys if isinstance(keys, bytearray) else bytearray(keys)
+        vbuf = self._values_for_kernel(values, count)
+        vs = len(vbuf) // count
+        kc = (ct.c_char * len(kbuf)).from_buffer(kbuf)
+        vc = (ct.c_char * len(vbuf)).from_buffer(vbuf)
+        done = 0
+        while done < count and self.batch_ok:
+            n = min(BATCH_CHUNK, count - done)
+            attr = _BatchAttr(keys=ct.addressof(kc) + done * ks,
+                              values=ct.addressof(vc) + done * vs, count=n, map_fd=self.fd,
+                              elem_flags=flags)
+            try:
+                bpf(BPF_MAP_UPDATE_BATCH, attr)
+            except OSError as e:
+                if e.errno in _NO_BATCH and attr.count == 0:
+                    self.batch_ok = False
+                    break
+                raise
+            done += n
+        for i in range(done, count):
+            attr_e = _MapElemAttr(map_fd=self.fd, key=ct.addressof(kc) + i * ks,
+                                  value=ct.addressof(vc) + i * vs, flags=flags)
+            bpf(BPF_MAP_UPDATE_ELEM, attr_e)
+
+    def delete_batch(self, keys: bytes | bytearray) -> int:
+        """Delete entries (keys packed back to back); absent ones are skipped.
+
+        Returns how many were deleted. BPF_MAP_DELETE_BATCH stops at the first absent
+        key and says how far it got; the rest continue after it.
+        """
+        ks = ct.sizeof(self.key_type)
+        count = len(keys) // ks
+        if count == 0:
+            return 0
+        kbuf = keys if isinstance(keys, bytearray) else bytearray(keys)
+        kc = (ct.c_char * len(kbuf)).from_buffer(kbuf)
+        done = deleted = 0
+        while done < count and self.batch_ok:
+            n = min(BATCH_CHUNK, count - done)
+            attr = _BatchAttr(keys=ct.addressof(kc) + done * ks, count=n, map_fd=self.fd)
+            try:
+                bpf(BPF_MAP_DELETE_BATCH, attr)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    deleted += attr.count
+                    done += attr.count + 1  # skip the absent key
+                    continue
+                if e.errno in _NO_BATCH and attr.count == 0:
+                    self.batch_ok = False
+                    break
+                raise
+            deleted += n
+            done += n
+        for i in range(done, count):
+            try:
+                bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=self.fd,
+                                                      key=ct.addressof(kc) + i * ks))
+                deleted += 1
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+        return deleted
 
     def keys(self) -> Iterator[CData]:
         """Every key (hash maps; a key deleted meanwhile restarts nothing, it is skipped)."""

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 ROLES = ("edge", "worker", "both")
 _FIELDS = {
     "instance", "role", "host_id", "state", "interfaces", "metrics", "ready_file",
-    "refuse", "idle_timeout_s", "resync_interval_s",
+    "refuse", "idle_timeout_s", "resync_interval_s", "attach",
 }
 
 
@@ -33,6 +33,7 @@ class DaemonConfig:
     refuse: str = "rst"  # "rst" | "drop": what a full service does to a new connection
     idle_timeout_s: float = 300.0
     resync_interval_s: float = 1.0
+    attach: Literal["xdp", "tc"] | None = None  # fast-path hook; None = the loader's default
 
     @property
     def is_edge(self) -> bool:
@@ -67,6 +68,9 @@ def parse_config(data: object) -> DaemonConfig:
     interfaces = data.get("interfaces", [])
     if not isinstance(interfaces, list) or not all(isinstance(i, str) for i in interfaces):
         raise ConfigError("interfaces: expected a list of interface names")
+    attach = data.get("attach")
+    if attach not in (None, "xdp", "tc"):
+        raise ConfigError(f"attach: {attach!r} is not xdp or tc")
     metrics = data.get("metrics", {}) or {}
     ready = data.get("ready_file")
     return DaemonConfig(
@@ -80,6 +84,7 @@ def parse_config(data: object) -> DaemonConfig:
         refuse=refuse,
         idle_timeout_s=float(data.get("idle_timeout_s", 300.0)),
         resync_interval_s=float(data.get("resync_interval_s", 1.0)),
+        attach=attach,
     )
 
 

@@ -14,8 +14,9 @@ import ctypes as ct
 import errno
 import os
 import shutil
+import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -31,6 +32,10 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 XDP_FLAGS_SKB_MODE = 2
 XDP_FLAGS_DRV_MODE = 4
 TC_EGRESS = "ffff:fff3"
+TC_INGRESS = "ffff:fff2"
+#: how the programs attach when the config does not say. Measured in
+#: docs/DESIGN.md ("Attach mode"): TC keeps GSO super-packets whole.
+DEFAULT_ATTACH: Literal["xdp", "tc"] = "tc"
 TC_PRIO = 0xE9  # our filter's priority on clsact egress ("e9" for edgeproxy)
 
 
@@ -45,6 +50,7 @@ class DataplaneConfig:
     idle_timeout: float = 300.0  # seconds, default for sweep()
     flood_cap: int = 0  # new flows per CPU per second; 0 = off
     xdp_flags: int = 0  # 0 = kernel's choice (native on veth); XDP_FLAGS_SKB_MODE = generic
+    attach: Literal["xdp", "tc"] = DEFAULT_ATTACH  # ingress hook: XDP or TC clsact
     netns: str | None = None  # attach inside /run/netns/<netns> (None: the current one)
     max_services: int = 262144
     max_machines: int = 65536
@@ -132,9 +138,91 @@ class _Service:
     """What the maps hold for one service (the loader's cache, rebuilt on adoption)."""
 
     id: int
-    keys: set[tuple[int, int]]  # (be32 addr, be16 port)
-    value: bm.ServiceValue
-    backends: tuple[tuple[int, int, int], ...]  # (machine id, tier_start, tier_len)
+    gen: int
+    keys: frozenset[bytes]  # packed ServiceKey of each (VIP, port)
+    value: bytes  # packed ServiceValue the keys hold
+    backends: bytes  # packed BackendValue list of the live generation
+    table: ServiceTable | None  # the table it was written from (None: adopted)
+
+
+_U32 = struct.Struct("<I")
+_KEY3 = struct.Struct("<III")  # MaglevKey, BackendKey
+_BACKEND = struct.Struct("<IHH")  # BackendValue
+_MID = struct.Struct("<I4x")  # the machine id of each packed BackendValue
+_SVC = struct.Struct("<6I")  # ServiceValue
+_MARKER_SUFFIX = b"\0\0" + bytes([bm.IPPROTO_TCP, 0])  # port 0, TCP: (vip, 0) marker
+_MARKER_VALUE = _SVC.pack(0xFFFFFFFF, 0, 0, 0, 0, bm.SVC_F_VIP_MARKER)
+_ZERO_MACHINE_STATS = bytes(ct.sizeof(bm.MachineStats))
+_ZERO_SERVICE_STATS = bytes(ct.sizeof(bm.ServiceStats))
+_ZERO_U64 = bytes(8)
+_EMPTY_LABEL = bytes(ct.sizeof(bm.Label))
+_EMPTY_MACHINE = bytes(ct.sizeof(bm.MachineValue))
+_IN_USE = bm.MACHINE_F_IN_USE.to_bytes(2, "little") + bytes(4)
+_TCP = bytes([bm.IPPROTO_TCP, 0])
+
+
+def _u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def _port_tcp(port: int) -> bytes:
+    return port.to_bytes(2, "big") + _TCP
+
+
+def _machine_bytes(b: Backend) -> bytes:
+    """A MachineValue, packed: addresses and port in network order, in use."""
+    return b.address.packed + b.worker_address.packed + b.port.to_bytes(2, "big") + _IN_USE
+
+
+def _label_bytes(app: str, name: str) -> bytes:
+    return app.encode()[:63].ljust(64, b"\0") + name.encode()[:63].ljust(64, b"\0")
+
+
+class _Writes:
+    """Map writes of one sync phase, per map, flushed as one batch per map."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, bool], tuple[bytearray, bytearray]] = {}
+
+    def put(self, name: str, key: bytes, value: bytes) -> None:
+        keys, values = self.ops.setdefault((name, False), (bytearray(), bytearray()))
+        keys += key
+        values += value
+
+    def delete(self, name: str, key: bytes) -> None:
+        keys, _ = self.ops.setdefault((name, True), (bytearray(), bytearray()))
+        keys += key
+
+    def flush(self, maps: dict[str, bm.BpfMap]) -> None:
+        for (name, is_delete), (keys, values) in self.ops.items():
+            if is_delete:
+                maps[name].delete_batch(keys)
+            else:
+                maps[name].update_batch(keys, values)
+        self.ops.clear()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What one sync has queued so far."""
+
+    phase0: _Writes  # markers, machines, labels, zeroed counters
+    phase1: _Writes  # new generations
+    phase2: _Writes  # the flips
+    flipped: set[bytes]  # service keys written in phase 2
+    stale: set[bytes]  # service keys to delete (unless flipped)
+    phase4: _Writes  # old generations, freed labels, gone markers
+    markers: dict[bytes, bool]  # VIPs touched -> had a marker before
+
+
+def _delete_generation(ops: _Writes, svc_id: int, value: bytes) -> None:
+    _, gen, size, count, _, _ = _SVC.unpack(value)
+    for slot in range(size):
+        ops.delete("maglev", _KEY3.pack(svc_id, gen, slot))
+    for i in range(count):
+        ops.delete("backends", _KEY3.pack(svc_id, gen, i))
 
 
 @contextmanager
@@ -178,7 +266,13 @@ class Dataplane:
         self._services: dict[str, _Service] = {}
         self._machine_ids: dict[tuple[str, int], int] = {}  # (machine name, port) -> id
         self._machines: dict[int, tuple[str, str, bm.MachineValue]] = {}  # id -> app, name, v
-        self._markers: set[int] = set()  # VIP addresses with a (vip, 0) marker
+        self._markers: dict[bytes, int] = {}  # VIP (packed) -> service entries on it
+        self._mrefs: dict[int, int] = {}  # machine id -> backend entries naming it
+        self._unreferenced: set[int] = set()  # machine ids nothing names (maybe draining)
+        self._free_sids: list[int] = []  # freed service ids, reused first
+        self._next_sid = 0  # ids >= this were never handed out
+        self._free_mids: list[int] = []
+        self._next_mid = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -202,10 +296,13 @@ class Dataplane:
 
         c = self.config
         c.pin_dir.mkdir(parents=True, exist_ok=True)
+        # every entry is loaded in both attach modes (the fixtures run them all)
         if c.role == "edge":
-            src, funcs = "edge.bpf.c", {"edge_xdp": BPF.XDP, "edge_sweep": BPF.XDP}
+            src, funcs = "edge.bpf.c", {"edge_xdp": BPF.XDP, "edge_tc": BPF.SCHED_CLS,
+                                        "edge_sweep": BPF.XDP}
         else:
             src, funcs = "worker.bpf.c", {"worker_ingress": BPF.XDP,
+                                          "worker_ingress_tc": BPF.SCHED_CLS,
                                           "worker_egress": BPF.SCHED_CLS}
         self._bpf = BPF(src_file=str(c.bpf_dir / src).encode(), cflags=self._cflags())
         fns = {name: self._bpf.load_func(name.encode(), kind) for name, kind in funcs.items()}
@@ -216,18 +313,27 @@ class Dataplane:
             bm.obj_pin(fn.fd, pin)
         self.adopt()
         self._write_config()
+        ingress = ("edge_xdp", "edge_tc") if c.role == "edge" else (
+            "worker_ingress", "worker_ingress_tc")
         with netns(c.netns):
             for ifname in c.interfaces:
                 if c.role == "edge":
-                    # the encapsulated packet we XDP_PASS carries this host's own address
+                    # the encapsulated packet we pass on carries this host's own address
                     # as its source; without accept_local the kernel drops it as martian
                     Path(f"/proc/sys/net/ipv4/conf/{ifname}/accept_local").write_text("1")
-                    BPF.attach_xdp(ifname, fns["edge_xdp"], c.xdp_flags)
                 else:
-                    BPF.attach_xdp(ifname, fns["worker_ingress"], c.xdp_flags)
-                    self._attach_tc_egress(ifname, fns["worker_egress"].fd)
+                    self._attach_tc(ifname, fns["worker_egress"].fd, "worker_egress",
+                                    TC_EGRESS)
+                # the new hook first, then the other mode's goes: no gap on a switch
+                if c.attach == "tc":
+                    self._attach_tc(ifname, fns[ingress[1]].fd, ingress[1], TC_INGRESS)
+                    with suppress(Exception):  # no XDP program there
+                        BPF.remove_xdp(ifname, c.xdp_flags)
+                else:
+                    BPF.attach_xdp(ifname, fns[ingress[0]], c.xdp_flags)
+                    self._detach_tc(ifname, TC_INGRESS)
 
-    def _attach_tc_egress(self, ifname: str, fd: int) -> None:
+    def _attach_tc(self, ifname: str, fd: int, name: str, parent: str) -> None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -237,8 +343,8 @@ class Dataplane:
             except Exception as e:  # pyroute2 NetlinkError: clsact already there
                 if getattr(e, "code", None) != errno.EEXIST:
                     raise
-            ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name="worker_egress",
-                   parent=TC_EGRESS, prio=TC_PRIO, classid=1, direct_action=True)
+            ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name,
+                   parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
 
     def adopt(self) -> None:
         """Open the pinned maps and rebuild the id assignment from them (no compile)."""
@@ -267,15 +373,16 @@ class Dataplane:
         c = self.config
         with netns(c.netns):
             for ifname in c.interfaces:
-                with suppress(Exception):  # interface already gone
+                with suppress(Exception):  # interface already gone / no XDP there
                     BPF.remove_xdp(ifname, c.xdp_flags)
+                self._detach_tc(ifname, TC_INGRESS)
                 if c.role == "worker":
-                    self._detach_tc_egress(ifname)
+                    self._detach_tc(ifname, TC_EGRESS)
         self.close()
         if c.pin_dir.exists():
             shutil.rmtree(c.pin_dir)
 
-    def _detach_tc_egress(self, ifname: str) -> None:
+    def _detach_tc(self, ifname: str, parent: str) -> None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -283,7 +390,7 @@ class Dataplane:
             if not found:
                 return
             with suppress(Exception):  # filter already gone
-                ipr.tc("del-filter", "bpf", found[0], ":1", parent=TC_EGRESS, prio=TC_PRIO)
+                ipr.tc("del-filter", "bpf", found[0], ":1", parent=parent, prio=TC_PRIO)
 
     def _write_config(self) -> None:
         c = self.config
@@ -299,25 +406,29 @@ class Dataplane:
         self._machine_ids.clear()
         self._machines.clear()
         self._markers.clear()
+        self._mrefs.clear()
+        self._unreferenced.clear()
         services, labels = self.maps["services"], self.maps["service_labels"]
         by_id: dict[int, _Service] = {}
         for key, value in services.items():
             if value.flags & bm.SVC_F_VIP_MARKER:
-                self._markers.add(int(key.addr))
-                continue
+                continue  # counted from the ports below
             svc = by_id.get(value.id)
             if svc is None:
-                backends = []
+                packed = bytearray()
                 for i in range(value.backend_count):
                     b = self.maps["backends"].lookup(bm.BackendKey(value.id, value.gen, i))
                     if b is not None:
-                        backends.append((int(b.machine), int(b.tier_start), int(b.tier_len)))
-                svc = by_id[value.id] = _Service(int(value.id), set(), value, tuple(backends))
-            svc.keys.add((int(key.addr), int(key.port)))
+                        packed += bytes(b)
+                svc = by_id[value.id] = _Service(int(value.id), int(value.gen), frozenset(),
+                                                 bytes(value), bytes(packed), None)
+            svc.keys = svc.keys | {bytes(key)}
         for sid, svc in by_id.items():
             label = labels.lookup(bm.U32(sid))
             if label is not None:
                 self._services[_unlabel(label)[1]] = svc
+            for key in svc.keys:
+                self._markers[key[:4]] = self._markers.get(key[:4], 0) + 1
         machines, mlabels = self.maps["machines"], self.maps["machine_labels"]
         for mid in range(self.config.max_machines):
             mv = machines.lookup(bm.U32(mid))
@@ -327,139 +438,236 @@ class Dataplane:
             app, name = _unlabel(label) if label is not None else ("", f"#{mid}")
             self._machines[mid] = (app, name, mv)
             self._machine_ids[(name, bm.from_be16(mv.port))] = mid
+        for svc in self._services.values():
+            self._ref(svc.backends, 1)
+        self._unreferenced = {mid for mid in self._machines if mid not in self._mrefs}
+        sids = {svc.id for svc in by_id.values()}
+        self._next_sid = max(sids, default=-1) + 1
+        self._free_sids = [i for i in reversed(range(self._next_sid)) if i not in sids]
+        self._next_mid = max(self._machines, default=-1) + 1
+        self._free_mids = [i for i in reversed(range(self._next_mid)) if i not in self._machines]
 
     # ---------------------------------------------------------------- sync
+    #
+    # The loader's cache says what the maps hold, per service and per machine id, in
+    # the packed bytes the maps take, so "did this change" is a bytes comparison and
+    # unchanged services cost one identity (or equality) test of their table.
+    # Ids come from free lists (O(1)); every map write goes through _Writes, which
+    # sends one BPF_MAP_*_BATCH per map and phase (per-entry where a map has none).
 
-    def _machine_id(self, b: Backend, result: list[int]) -> int:
-        key = (b.machine_id, b.port)
-        value = bm.MachineValue(addr=bm.be32(b.address), worker=bm.be32(b.worker_address),
-                                port=bm.be16(b.port), flags=bm.MACHINE_F_IN_USE)
-        mid = self._machine_ids.get(key)
-        if mid is None:
-            used = set(self._machines)
-            mid = next(i for i in range(self.config.max_machines + 1) if i not in used)
-            if mid >= self.config.max_machines:
-                raise RuntimeError("machine table full")
-            # a fresh id starts from zero: its stats and live count
-            zero_stats = bm.MachineStats()
-            self.maps["machine_stats"].update(bm.U32(mid), zero_stats)
-            self.maps["machine_active"].update(bm.U32(mid), bm.U64(0))
-            self.maps["machine_labels"].update(bm.U32(mid), _label(b.app, b.machine_id))
-            self._machine_ids[key] = mid
-            result[0] += 1
-        old = self._machines.get(mid)
-        if old is None or bytes(old[2]) != bytes(value):
-            self.maps["machines"].update(bm.U32(mid), value)
-        self._machines[mid] = (b.app, b.machine_id, value)
-        return mid
+    def _alloc_service_id(self) -> int:
+        if self._free_sids:
+            return self._free_sids.pop()
+        if self._next_sid >= self.config.max_services:
+            raise RuntimeError("service table full")
+        self._next_sid += 1
+        return self._next_sid - 1
 
-    def sync(self, tables: Sequence[ServiceTable]) -> SyncResult:
-        """Make the maps say what ``tables`` say (raw-TCP services only).
-
-        Per service, a changed backend list is written into the inactive generation
-        (Maglev slots + backend list), then the service entries flip to it in one
-        map update each, then the old generation is deleted: a packet sees either
-        the whole old table or the whole new one. Established flows follow
-        conntrack and never move.
-        """
-        maps = self.maps
-        added = [0]
-        written = removed = 0
-        desired = {t.service_id: t for t in tables if t.raw_tcp}
-        referenced: set[int] = set()
-        markers = {bm.be32(a) for t in desired.values() for a in t.addresses}
-        # markers first: a new VIP is known as ours before its ports are
-        for addr in markers - self._markers:
-            maps["services"].update(bm.ServiceKey(addr, 0, bm.IPPROTO_TCP),
-                                    bm.ServiceValue(id=0xFFFFFFFF, flags=bm.SVC_F_VIP_MARKER))
-
-        for sid, t in desired.items():
-            backends: list[tuple[int, int, int]] = []
-            for tier in t.tiers:
-                start = len(backends)
-                for b in tier:
-                    mid = self._machine_id(b, added)
-                    referenced.add(mid)
-                    backends.append((mid, start, len(tier)))
-            tier0 = [b for b in (t.tiers[0] if t.tiers else ())]
-            size = maglev.table_size(len(tier0))
-            keys = {(bm.be32(a), bm.be16(p)) for a in t.addresses for p in t.ports}
-            cur = self._services.get(sid)
-            if cur is None:
-                svc_id = self._free_service_id()
-                maps["service_labels"].update(bm.U32(svc_id), _label(t.app, sid))
-                maps["service_stats"].update(bm.U32(svc_id), bm.ServiceStats())
-                cur = _Service(svc_id, set(), bm.ServiceValue(id=svc_id, gen=1), ())
-                self._services[sid] = cur
-            value = bm.ServiceValue(id=cur.id, gen=cur.value.gen, maglev_size=size,
-                                    backend_count=len(backends), hard_limit=t.hard_limit)
-            old_gen = None
-            if tuple(backends) != cur.backends or size != cur.value.maglev_size or not cur.keys:
-                value.gen = 1 - cur.value.gen
-                old_gen = cur.value
-                self._write_generation(cur.id, value.gen, tier0, backends, size)
-            if bytes(value) != bytes(cur.value) or keys != cur.keys:
-                for addr, port in keys:  # the flip: one atomic update per (VIP, port)
-                    maps["services"].update(bm.ServiceKey(addr, port, bm.IPPROTO_TCP), value)
-                for addr, port in cur.keys - keys:
-                    maps["services"].delete(bm.ServiceKey(addr, port, bm.IPPROTO_TCP))
-                written += 1
-            if old_gen is not None and cur.keys:
-                self._delete_generation(cur.id, old_gen)
-            cur.keys, cur.value, cur.backends = keys, value, tuple(backends)
-
-        for sid in list(self._services):
-            if sid in desired:
-                continue
-            cur = self._services.pop(sid)
-            for addr, port in cur.keys:
-                maps["services"].delete(bm.ServiceKey(addr, port, bm.IPPROTO_TCP))
-            self._delete_generation(cur.id, cur.value)
-            maps["service_labels"].update(bm.U32(cur.id), bm.Label())
-            removed += 1
-        for addr in self._markers - markers:
-            maps["services"].delete(bm.ServiceKey(addr, 0, bm.IPPROTO_TCP))
-        self._markers = markers
-
-        # a machine id is freed once nothing routes to it and no flow is live on it
-        freed = 0
-        for mid in list(self._machines):
-            if mid in referenced:
-                continue
-            active = maps["machine_active"].lookup(bm.U32(mid))
-            if active is not None and active.value:
-                continue  # draining: keeps its id and address until its flows end
-            _, name, mv = self._machines.pop(mid)
-            self._machine_ids.pop((name, bm.from_be16(mv.port)), None)
-            maps["machines"].update(bm.U32(mid), bm.MachineValue())
-            maps["machine_labels"].update(bm.U32(mid), bm.Label())
-            freed += 1
-        return SyncResult(written, removed, added[0], freed)
+    def _alloc_machine_id(self) -> int:
+        if self._free_mids:
+            return self._free_mids.pop()
+        if self._next_mid >= self.config.max_machines:
+            raise RuntimeError("machine table full")
+        self._next_mid += 1
+        return self._next_mid - 1
 
     def _free_service_id(self) -> int:
-        used = {s.id for s in self._services.values()}
-        for i in range(self.config.max_services):
-            if i not in used:
-                return i
-        raise RuntimeError("service table full")
+        """The id the next new service gets (kept for tools; sync allocates itself)."""
+        if self._free_sids:
+            return self._free_sids[-1]
+        if self._next_sid >= self.config.max_services:
+            raise RuntimeError("service table full")
+        return self._next_sid
 
-    def _write_generation(self, svc_id: int, gen: int, tier0: list[Backend],
-                          backends: list[tuple[int, int, int]], size: int) -> None:
-        names = [f"{b.machine_id}:{b.port}" for b in tier0]
-        table = maglev.build(names, size)
-        tier0_ids = [mid for mid, start, _ in backends if start == 0]
-        slots = self.maps["maglev"]
-        for slot, idx in enumerate(table):
-            slots.update(bm.MaglevKey(svc_id, gen, slot), bm.U32(tier0_ids[idx]))
-        for i, (mid, start, length) in enumerate(backends):
-            self.maps["backends"].update(bm.BackendKey(svc_id, gen, i),
-                                         bm.BackendValue(mid, start, length))
+    def _machine_id(self, b: Backend, ops: _Writes, result: list[int]) -> int:
+        key = (b.machine_id, b.port)
+        packed = _machine_bytes(b)
+        mid = self._machine_ids.get(key)
+        if mid is None:
+            mid = self._alloc_machine_id()
+            # a fresh id starts from zero: its stats and live count
+            ops.put("machine_stats", _u32(mid), _ZERO_MACHINE_STATS)
+            ops.put("machine_active", _u32(mid), _ZERO_U64)
+            ops.put("machine_labels", _u32(mid), _label_bytes(b.app, b.machine_id))
+            self._machine_ids[key] = mid
+            self._machines[mid] = (b.app, b.machine_id, bm.MachineValue.from_buffer_copy(packed))
+            ops.put("machines", _u32(mid), packed)
+            result[0] += 1
+            return mid
+        old = self._machines.get(mid)
+        if old is None or bytes(old[2]) != packed:
+            ops.put("machines", _u32(mid), packed)
+            self._machines[mid] = (b.app, b.machine_id, bm.MachineValue.from_buffer_copy(packed))
+        return mid
 
-    def _delete_generation(self, svc_id: int, value: bm.ServiceValue) -> None:
-        for slot in range(value.maglev_size):
-            self.maps["maglev"].delete(bm.MaglevKey(svc_id, value.gen, slot))
-        for i in range(value.backend_count):
-            self.maps["backends"].delete(bm.BackendKey(svc_id, value.gen, i))
+    def _ref(self, backends: bytes, delta: int) -> None:
+        """Count references to machine ids; one that drops to 0 may be freed at the end."""
+        refs = self._mrefs
+        for (mid,) in _MID.iter_unpack(backends):
+            n = refs.get(mid, 0) + delta
+            if n:
+                refs[mid] = n
+                self._unreferenced.discard(mid)
+            else:
+                refs.pop(mid, None)
+                self._unreferenced.add(mid)
+
+    def _marker(self, addr: bytes, delta: int, touched: dict[bytes, bool]) -> None:
+        """Count the (service, port) entries on a VIP; ``touched`` remembers whether
+        each VIP had its (vip, 0) marker before this sync, to write the difference."""
+        touched.setdefault(addr, addr in self._markers)
+        n = self._markers.get(addr, 0) + delta
+        if n > 0:
+            self._markers[addr] = n
+        else:
+            self._markers.pop(addr, None)
+
+    def sync(self, tables: Iterable[ServiceTable], *, partial: bool = False,
+             removed: Iterable[str] = ()) -> SyncResult:
+        """Make the maps say what ``tables`` say (raw-TCP services only).
+
+        ``partial=False``: ``tables`` is every service; the others leave the maps.
+        ``partial=True``: only the services in ``tables`` (and the ids in ``removed``)
+        change; every other service is left as it is.
+
+        A changed backend list is written into the service's inactive generation
+        (Maglev slots + backend list); only when every changed service's new
+        generation is in the maps do the service entries flip to it, one map update
+        per (VIP, port); then old generations are deleted. A packet sees either the
+        whole old table or the whole new one. Established flows follow conntrack and
+        never move. Writes are batched per map and phase.
+        """
+        added = [0]
+        written = 0
+        # phase 0: markers, machines, labels; 1: new generations; 2: the flips;
+        # 3: stale service entries; 4: old generations, freed labels, markers
+        phase0, phase1, phase2, phase3, phase4 = (_Writes() for _ in range(5))
+        w = _Pending(phase0, phase1, phase2, set(), set(), phase4, {})
+        desired: set[str] = set()
+        gone: list[str] = list(removed) if partial else []
+        for t in tables:
+            sid = t.service_id
+            if not t.raw_tcp:
+                if partial:
+                    gone.append(sid)  # became HTTP: leaves the kernel
+                continue
+            desired.add(sid)
+            cur = self._services.get(sid)
+            if cur is not None and cur.table is not None and (
+                    cur.table is t or cur.table == t):
+                cur.table = t  # unchanged: nothing to write (keep the newer object)
+                continue
+            written += self._sync_service(t, cur, added, w)
+        if not partial:
+            gone = [sid for sid in self._services if sid not in desired]
+        removed_n = 0
+        dead_ids: list[int] = []
+        for sid in gone:
+            cur = self._services.get(sid)
+            if cur is None or sid in desired:
+                continue
+            del self._services[sid]
+            for key in cur.keys:
+                w.stale.add(key)
+                self._marker(key[:4], -1, w.markers)
+            _delete_generation(phase4, cur.id, cur.value)
+            phase4.put("service_labels", _u32(cur.id), _EMPTY_LABEL)
+            self._ref(cur.backends, -1)
+            dead_ids.append(cur.id)
+            removed_n += 1
+        for addr, had in w.markers.items():
+            has = addr in self._markers
+            if has and not had:  # a new VIP is known as ours before its ports are
+                phase0.put("services", addr + _MARKER_SUFFIX, _MARKER_VALUE)
+            elif had and not has:
+                phase4.delete("services", addr + _MARKER_SUFFIX)
+        for key in sorted(w.stale - w.flipped):  # a key another service took is kept
+            phase3.delete("services", key)
+
+        for ops in (phase0, phase1, phase2, phase3, phase4):
+            ops.flush(self.maps)
+        self._free_sids.extend(reversed(dead_ids))
+        freed = self._free_unreferenced()
+        if not self._services and len(self._free_sids) == self._next_sid:
+            self._free_sids.clear()  # nothing left: start again from id 0
+            self._next_sid = 0
+        return SyncResult(written, removed_n, added[0], freed)
+
+    def _sync_service(self, t: ServiceTable, cur: _Service | None, added: list[int],
+                      w: _Pending) -> int:
+        """Queue one service's writes; returns 1 if its service entries change."""
+        phase0, phase1 = w.phase0, w.phase1
+        packed = bytearray()
+        tier0_ids: list[int] = []
+        for n, tier in enumerate(t.tiers):
+            start = len(packed) // 8
+            for b in tier:
+                mid = self._machine_id(b, phase0, added)
+                packed += _BACKEND.pack(mid, start, len(tier))
+                if n == 0:
+                    tier0_ids.append(mid)
+        backends = bytes(packed)
+        size = maglev.table_size(len(tier0_ids))
+        keys = frozenset(a.packed + _port_tcp(p) for a in t.addresses if a.version == 4
+                         for p in t.ports)
+        if cur is None:
+            svc_id = self._alloc_service_id()
+            phase0.put("service_labels", _u32(svc_id), _label_bytes(t.app, t.service_id))
+            phase0.put("service_stats", _u32(svc_id), _ZERO_SERVICE_STATS)
+            cur = _Service(svc_id, 1, frozenset(), _SVC.pack(svc_id, 1, 0, 0, 0, 0), b"", None)
+            self._services[t.service_id] = cur
+        gen = cur.gen
+        old_value = cur.value
+        new_gen = backends != cur.backends or size != _SVC.unpack(old_value)[2] or not cur.keys
+        if new_gen:
+            gen = 1 - cur.gen
+            names = [f"{b.machine_id}:{b.port}" for b in (t.tiers[0] if t.tiers else ())]
+            table = maglev.build(names, size)
+            for slot, idx in enumerate(table):
+                phase1.put("maglev", _KEY3.pack(cur.id, gen, slot), _u32(tier0_ids[idx]))
+            for i in range(len(backends) // 8):
+                phase1.put("backends", _KEY3.pack(cur.id, gen, i), backends[i * 8:i * 8 + 8])
+        value = _SVC.pack(cur.id, gen, size, len(backends) // 8, t.hard_limit, 0)
+        changed = 0
+        if value != old_value or keys != cur.keys:
+            for key in keys:  # the flip: one atomic update per (VIP, port)
+                w.phase2.put("services", key, value)
+                w.flipped.add(key)
+                if key not in cur.keys:
+                    self._marker(key[:4], 1, w.markers)
+            for key in cur.keys - keys:
+                w.stale.add(key)
+                self._marker(key[:4], -1, w.markers)
+            changed = 1
+        if new_gen:
+            _delete_generation(w.phase4, cur.id, old_value)
+        self._ref(backends, 1)
+        self._ref(cur.backends, -1)
+        cur.gen, cur.keys, cur.value, cur.backends, cur.table = gen, keys, value, backends, t
+        return changed
+
+    def _free_unreferenced(self) -> int:
+        """Free machine ids nothing routes to and no flow is live on (draining ones wait)."""
+        freed = 0
+        ops = _Writes()
+        for mid in sorted(self._unreferenced):
+            active = self.maps["machine_active"].lookup(bm.U32(mid))
+            if active is not None and active.value:
+                continue  # draining: keeps its id and address until its flows end
+            self._unreferenced.discard(mid)
+            entry = self._machines.pop(mid, None)
+            if entry is None:
+                continue
+            self._machine_ids.pop((entry[1], bm.from_be16(entry[2].port)), None)
+            ops.put("machines", _u32(mid), _EMPTY_MACHINE)
+            ops.put("machine_labels", _u32(mid), _EMPTY_LABEL)
+            self._free_mids.append(mid)
+            freed += 1
+        ops.flush(self.maps)
+        if not self._machines and len(self._free_mids) == self._next_mid:
+            self._free_mids.clear()
+            self._next_mid = 0
+        return freed
 
     # ------------------------------------------------------------- reading
 

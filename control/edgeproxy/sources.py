@@ -39,6 +39,8 @@ from edgeproxy.etcd import (
 )
 from edgeproxy.state import (
     ClusterState,
+    Incremental,
+    NeedsFullParse,
     Problem,
     StateError,
     parse_state,
@@ -219,6 +221,41 @@ CREATE TABLE IF NOT EXISTS machines (
 );
 """
 
+# Change tracking: triggers log the key of every row written or deleted, so a reader
+# re-reads only those rows (``SqliteSource``). A reader that finds the log pruned
+# past its last position reads the whole database again.
+TRACKING = """
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL
+);
+""" + "".join(
+    f"""
+CREATE TRIGGER IF NOT EXISTS {table}_ins AFTER INSERT ON {table} BEGIN
+    INSERT INTO changes (tbl, key) VALUES ('{table}', NEW.{key});
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_upd AFTER UPDATE ON {table} BEGIN
+    INSERT INTO changes (tbl, key) VALUES ('{table}', OLD.{key});
+    INSERT INTO changes (tbl, key) SELECT '{table}', NEW.{key} WHERE NEW.{key} IS NOT OLD.{key};
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_del AFTER DELETE ON {table} BEGIN
+    INSERT INTO changes (tbl, key) VALUES ('{table}', OLD.{key});
+END;
+"""
+    for table, key in (
+        ("meta", "key"),
+        ("regions", "code"),
+        ("hosts", "id"),
+        ("apps", "name"),
+        ("services", "id"),
+        ("machines", "id"),
+    )
+)
+
+# More changed rows than this at once (a bulk rewrite): read everything instead.
+MAX_INCREMENTAL_ROWS = 5000
+
 # Per table: the key column, and the columns that hold JSON.
 _TABLES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "regions": ("code", ("code", "position"), ("position",)),
@@ -266,6 +303,30 @@ def read_state_data(
     return data, keys
 
 
+def _read_rows(
+    conn: sqlite3.Connection, table: str, keys: list[str], problems: list[Problem]
+) -> dict[str, object | None]:
+    """Rows of ``table`` by key, as ``read_state_data`` shapes them; None: deleted."""
+    key_column, columns, json_columns = _TABLES[table]
+    out: dict[str, object | None] = dict.fromkeys(keys)
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        query = (
+            f"SELECT {', '.join(columns)} FROM {table} "
+            f"WHERE {key_column} IN ({', '.join('?' * len(chunk))})"
+        )
+        for values in conn.execute(query, chunk):
+            row = dict(zip(columns, values, strict=True))
+            for column in json_columns:
+                if row[column] is None:
+                    del row[column]
+                else:
+                    where = f"{table}[{key_column}={row[key_column]}].{column}"
+                    row[column] = _json(row[column], where, problems)
+            out[str(row[key_column])] = row
+    return out
+
+
 def _json(text: object, path: str, problems: list[Problem]) -> object:
     if not isinstance(text, str):
         problems.append(Problem(path, f"expected JSON text, got {type(text).__name__}"))
@@ -299,7 +360,7 @@ def write_sqlite_state(conn: sqlite3.Connection, state: ClusterState) -> None:
 
     For tests and tools; a real store changes single rows.
     """
-    conn.executescript(SCHEMA)
+    conn.executescript(SCHEMA + TRACKING)
     data = to_dict(state)
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -318,6 +379,8 @@ def write_sqlite_state(conn: sqlite3.Connection, state: ClusterState) -> None:
                 f"VALUES ({', '.join('?' * len(columns))})",
                 [_row_values(row, columns, json_columns) for row in rows],
             )
+        # a whole rewrite: readers see the log pruned past them and read everything
+        conn.execute("DELETE FROM changes WHERE seq < (SELECT max(seq) FROM changes)")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -336,8 +399,13 @@ class SqliteSource(_PollingSource):
     """A SQLite database written by another process.
 
     ``PRAGMA data_version`` changes whenever another connection commits, and costs
-    no I/O beyond the lock check, so polling it every tick is cheap. On a change the
-    whole state is read in one read transaction (a consistent snapshot) and validated.
+    no I/O beyond the lock check, so polling it every tick is cheap. On a change,
+    in one read transaction (a consistent snapshot): the ``changes`` log (filled by
+    triggers, ``TRACKING``) names the rows written since the last read; only those
+    are read and validated (``state.Incremental``). A bulk change, a change
+    ``Incremental`` does not handle piecewise, a log pruned past our position, a
+    database without the log, or the first change after a refusal read and
+    validate the whole state instead.
     """
 
     def __init__(self, path: str | Path, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
@@ -352,9 +420,24 @@ class SqliteSource(_PollingSource):
             self.path, isolation_level=None, check_same_thread=False, timeout=1.0
         )
         self._seen = self._data_version()
+        self._tracked = self._install_tracking()
+        self._log_seq = 0  # last change-log row applied
+        self._incremental: Incremental | None = None
+        self.full_reads = 0  # whole-database reads so far (for tests and the bench)
         state = self._load()
         assert state is not None
         self._good = state
+
+    def _install_tracking(self) -> bool:
+        try:
+            self._conn.executescript(TRACKING)
+        except sqlite3.Error as err:  # read-only database or file: whole reads only
+            log.warning(
+                "%s: no change tracking (%s); every change reads everything", self.name, err
+            )
+            return False
+        self._seen = self._data_version()
+        return True
 
     def _data_version(self) -> int:
         row = self._conn.execute("PRAGMA data_version").fetchone()
@@ -371,15 +454,84 @@ class SqliteSource(_PollingSource):
         try:
             self._conn.execute("BEGIN")
             try:
-                data, keys = read_state_data(self._conn, self.name)
+                state = self._read_changes() if self._incremental is not None else None
+                if state is None:
+                    state = self._read_all()
             finally:
                 self._conn.execute("COMMIT")
         except sqlite3.Error as err:
+            self._incremental = None
             raise StateError(self.name, [Problem("", f"cannot read the database: {err}")]) from err
+        except StateError:
+            self._incremental = None  # the next change reads everything
+            raise
+        return state
+
+    def _last_seq(self) -> int:
+        if not self._tracked:
+            return 0
+        row = self._conn.execute("SELECT max(seq) FROM changes").fetchone()
+        return int(row[0] or 0)
+
+    def _read_all(self) -> ClusterState:
+        self.full_reads += 1
+        seq = self._last_seq()
+        data, keys = read_state_data(self._conn, self.name)
         try:
-            return parse_state(data, self.name)
+            state = parse_state(data, self.name)
         except StateError as err:
             raise _name_rows(err, keys) from err
+        del data, keys
+        self._log_seq = seq
+        self._incremental = Incremental(state) if self._tracked else None
+        return state
+
+    def _read_changes(self) -> ClusterState | None:
+        """The state after the logged changes, or None: read everything instead."""
+        assert self._incremental is not None
+        first = self._conn.execute(
+            "SELECT min(seq) FROM changes WHERE seq > ?", (self._log_seq,)
+        ).fetchone()[0]
+        if first is None:
+            return None  # committed without a logged row: be safe
+        if first != self._log_seq + 1:
+            oldest = self._conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+            if oldest is None or oldest > self._log_seq + 1:
+                return None  # pruned past us (AUTOINCREMENT leaves gaps otherwise)
+        rows = self._conn.execute(
+            "SELECT seq, tbl, key FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self._log_seq, MAX_INCREMENTAL_ROWS + 1),
+        ).fetchall()
+        if len(rows) > MAX_INCREMENTAL_ROWS:
+            return None
+        touched: dict[str, set[str]] = {}
+        for _, table, key in rows:
+            touched.setdefault(str(table), set()).add(str(key))
+        meta: dict[str, object] | None = None
+        problems: list[Problem] = []
+        if "meta" in touched:
+            meta = {
+                str(k): _json(v, str(k), problems)
+                for k, v in self._conn.execute("SELECT key, value FROM meta")
+            }
+        changes: dict[str, dict[str, object | None]] = {}
+        for table, keys in touched.items():
+            if table == "meta":
+                continue
+            if table not in _TABLES:
+                return None
+            changes[table] = _read_rows(self._conn, table, sorted(keys), problems)
+        if problems:
+            raise StateError(self.name, problems)
+        try:
+            state = self._incremental.apply(
+                changes, meta, self.name, lambda kind, key: f"{kind}[{_TABLES[kind][0]}={key}]"
+            )
+        except NeedsFullParse as why:
+            log.info("%s: %s; reading the whole state", self.name, why)
+            return None
+        self._log_seq = int(rows[-1][0])
+        return state
 
     def close(self) -> None:
         self._conn.close()
@@ -584,6 +736,8 @@ class EtcdSource:
         self._closed = False
         self._revision = self._read_all()  # no member answers: raise, as for a bad state
         self._good = etcd_state(self._docs, prefix, self.name)
+        self._incremental: Incremental | None = Incremental(self._good)
+        self.full_reads = 1  # whole-state validations so far (for tests and the bench)
 
     def current(self) -> ClusterState:
         return self._good
@@ -713,25 +867,59 @@ class EtcdSource:
         return key[len(self._key) :].decode("utf-8", errors="replace")
 
     def _apply(self, events: list[Event]) -> ClusterState | None:
-        changed = False
+        changed: set[str] = set()
         for event in events:
             self._revision = max(self._revision, event.mod_revision)
             key = self._relative(event.key)
             if event.type == "delete":
                 if self._values.pop(key, None) is not None:
                     del self._docs[key]
-                    changed = True
+                    changed.add(key)
             elif self._values.get(key) != event.value:
                 # Same bytes again (a watch resumed a little early): nothing to rebuild.
                 self._values[key] = event.value
                 self._docs[key] = _etcd_doc(event.value)
-                changed = True
-        return self._rebuild() if changed else None
+                changed.add(key)
+        return self._rebuild(changed) if changed else None
 
-    def _rebuild(self) -> ClusterState | None:
+    def _changed_rows(self, keys: set[str]) -> ClusterState | None:
+        """Validate only the changed keys (``state.Incremental``); None: do it whole."""
+        assert self._incremental is not None
+        changes: dict[str, dict[str, object | None]] = {}
+        meta: Mapping[str, object] | None = None
+        for key in sorted(keys):
+            doc = self._docs.get(key)
+            if isinstance(doc, _BadJson):
+                raise StateError(self.name, [Problem(f"{self.prefix}{key}", doc.reason)])
+            kind, slash, name = key.partition("/")
+            if key == ETCD_META_KEY:
+                if not isinstance(doc, dict):
+                    return None
+                meta = doc
+            elif kind in ETCD_KINDS and slash and name and "/" not in name:
+                changes.setdefault(kind, {})[name] = doc
+            else:
+                return None  # an unknown key: the whole check names it
         try:
-            state = etcd_state(self._docs, self.prefix, self.name)
+            return self._incremental.apply(
+                changes, meta, self.name, lambda kind, name: f"{self.prefix}{kind}/{name}"
+            )
+        except NeedsFullParse as why:
+            log.info("%s: %s; validating the whole state", self.name, why)
+            return None
+
+    def _rebuild(self, keys: set[str] | None = None) -> ClusterState | None:
+        try:
+            state = None
+            if keys is not None and self._incremental is not None:
+                state = self._changed_rows(keys)
+            if state is None:
+                self.full_reads += 1
+                state = etcd_state(self._docs, self.prefix, self.name)
+                self._incremental = Incremental(state)
         except StateError as err:
+            self._incremental = None  # the next change validates everything
+
             self.rejected += 1
             self.last_error = str(err)
             log.warning(

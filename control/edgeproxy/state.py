@@ -16,7 +16,7 @@ import gc
 import math
 import re
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -159,6 +159,9 @@ class ClusterState:
     machines_by_app: Mapping[str, tuple[Machine, ...]] = field(
         init=False, compare=False, repr=False
     )
+    # Apps whose app, services or machines differ from the state this one was derived
+    # from by ``Incremental.apply``; None when unknown (a full parse): all of them.
+    changed_apps: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Derived indexes; frozen dataclasses set their own fields through object.
@@ -956,6 +959,196 @@ def load_state(path: str | Path) -> ClusterState:
     """Read and validate a YAML state file; errors name ``path`` and line numbers."""
     file = Path(path)
     return parse_yaml(file.read_bytes(), str(file))
+
+
+# --------------------------------------------------------------- incremental updates
+
+#: entity kind -> {id: the new row as plain data, or None when the row was deleted}
+RowChanges = Mapping[str, Mapping[str, object | None]]
+
+
+class NeedsFullParse(Exception):
+    """A change ``Incremental`` does not validate piecewise: parse the whole state."""
+
+
+class Incremental:
+    """Applies changed rows to a state, validating only what they touch.
+
+    At 600,000 machines a full ``parse_state`` takes seconds; a one-machine change
+    must not. ``apply`` handles changes to machines (added, changed, removed) and to
+    ``version``; it reads each changed row with the same readers as ``parse_state``
+    (same checks, same messages), then checks the references out of it (app, host
+    with the worker role) and the address it claims, against an address index kept
+    here. Anything else (regions, hosts, apps, services, latency) raises
+    ``NeedsFullParse``: those are rare, and their checks (shared addresses,
+    listeners, distances) span the whole state. Unchanged entities stay the very
+    same objects, so placement and map sync can tell what changed by identity.
+    """
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        owner: dict[IPAddress, Host | Machine | App] = {}
+        for host in state.hosts.values():
+            owner.setdefault(host.address, host)
+        for machine in state.machines.values():
+            owner.setdefault(machine.address, machine)
+        for app in state.apps.values():
+            for address in app.addresses:
+                owner.setdefault(address, app)
+        self._owner = owner
+
+    def apply(
+        self,
+        changes: RowChanges,
+        meta: Mapping[str, object] | None,
+        source: str,
+        name_row: Callable[[str, str], str],
+    ) -> ClusterState:
+        """The new state, or ``StateError`` (paths named by ``name_row(kind, id)``).
+
+        ``meta``: the new top-level fields (``version``, ``latency_ms``) when they
+        changed, else None. On an error nothing here changes.
+        """
+        if any(rows for kind, rows in changes.items() if kind != "machines"):
+            raise NeedsFullParse(f"{', '.join(k for k, v in changes.items() if v)} changed")
+        state = self.state
+        problems = _Problems()
+        version = state.version
+        if meta is not None:
+            if set(meta) - {"version", "latency_ms"} or "version" not in meta:
+                raise NeedsFullParse("meta fields changed")
+            if meta.get("latency_ms", {}) != _latency_dict(state):
+                raise NeedsFullParse("latency_ms changed")
+            top = _Fields(meta, "", problems, ("version",), ("latency_ms",))
+            v = top.integer("version", 0, 2**63 - 1)
+            version = v if v is not None else version
+        rows = changes.get("machines", {})
+        new: dict[str, Machine | None] = {}
+        for machine_id, raw in rows.items():
+            if raw is None:
+                new[machine_id] = None
+                continue
+            before = len(problems.items)
+            machine = _read_machine(raw, 0, problems, _Table("machines"))
+            where = name_row("machines", machine_id)
+            if machine is not None and machine.id != machine_id:
+                problems.add("machines[0].id", f"{machine.id!r} differs from the key")
+                machine = None
+            for n in range(before, len(problems.items)):
+                p = problems.items[n]
+                problems.items[n] = Problem(p.path.replace("machines[0]", where, 1), p.reason)
+            if machine is not None:
+                old = state.machines.get(machine_id)
+                new[machine_id] = old if old == machine else machine
+                self._check_machine(machine, where, problems)
+        claimed = self._claims(new, problems, name_row)
+        if problems.items:
+            raise StateError(source, problems.items)
+        return self._commit(version, new, claimed)
+
+    def _check_machine(self, machine: Machine, where: str, problems: _Problems) -> None:
+        state = self.state
+        if machine.app not in state.apps:
+            problems.add(f"{where}.app", f"unknown app {machine.app}")
+        host = state.hosts.get(machine.host)
+        if host is None:
+            problems.add(f"{where}.host", f"unknown host {machine.host}")
+        elif not host.is_worker:
+            problems.add(
+                f"{where}.host", f"host {host.id} has role {host.role}; machines run on workers"
+            )
+
+    def _claims(
+        self,
+        new: Mapping[str, Machine | None],
+        problems: _Problems,
+        name_row: Callable[[str, str], str],
+    ) -> dict[IPAddress, Machine]:
+        """Addresses the changed machines take; each must be free or freed by the change."""
+        leaving = {
+            old.address
+            for machine_id in new
+            if (old := self.state.machines.get(machine_id)) is not None
+        }
+        claimed: dict[IPAddress, Machine] = {}
+        for machine_id, machine in sorted(new.items()):
+            if machine is None:
+                continue
+            owner: Host | Machine | App | None = claimed.get(machine.address)
+            if owner is None:
+                owner = self._owner.get(machine.address)
+                if isinstance(owner, Machine) and owner.address in leaving and (owner.id in new):
+                    owner = None  # its machine moves away or goes in this same change
+            if owner is not None and not (isinstance(owner, Machine) and owner.id == machine_id):
+                problems.add(
+                    f"{name_row('machines', machine_id)}.address",
+                    f"{machine.address} is already {_owner_name(owner)}",
+                )
+            claimed.setdefault(machine.address, machine)
+        return claimed
+
+    def _commit(
+        self, version: int, new: Mapping[str, Machine | None], claimed: Mapping[IPAddress, Machine]
+    ) -> ClusterState:
+        old = self.state
+        machines = dict(old.machines)
+        by_app = dict(old.machines_by_app)
+        touched: set[str] = set()
+        for machine_id, machine in new.items():
+            before = machines.get(machine_id)
+            if before is machine:
+                continue
+            if before is not None:
+                touched.add(before.app)
+                if self._owner.get(before.address) is before:
+                    del self._owner[before.address]
+            if machine is None:
+                machines.pop(machine_id, None)
+            else:
+                machines[machine_id] = machine
+                touched.add(machine.app)
+        for address, machine in claimed.items():
+            self._owner[address] = machine
+        for app in touched:
+            members = tuple(m for m in by_app.get(app, ()) if new.get(m.id, m) is m)
+            members += tuple(
+                m for m in new.values() if m is not None and m.app == app and m not in members
+            )
+            if members:
+                by_app[app] = members
+            else:
+                by_app.pop(app, None)
+        state = object.__new__(ClusterState)
+        for name, value in (
+            ("version", version),
+            ("regions", old.regions),
+            ("hosts", old.hosts),
+            ("apps", old.apps),
+            ("services", old.services),
+            ("machines", machines),
+            ("latency_ms", old.latency_ms),
+            ("services_by_app", old.services_by_app),
+            ("machines_by_app", by_app),
+            ("changed_apps", frozenset(touched)),
+        ):
+            object.__setattr__(state, name, value)
+        self.state = state
+        return state
+
+
+def _owner_name(owner: Host | Machine | App) -> str:
+    if isinstance(owner, Host):
+        return f"host {owner.id}'s address"
+    if isinstance(owner, Machine):
+        return f"machine {owner.id}'s address"
+    return f"an address of app {owner.name}"
+
+
+def _latency_dict(state: ClusterState) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for (a, b), ms in sorted(state.latency_ms.items()):
+        table.setdefault(a, {})[b] = ms
+    return table
 
 
 # ---------------------------------------------------------------------- round trip

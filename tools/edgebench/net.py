@@ -99,13 +99,16 @@ class BenchNet:
 
     # ------------------------------------------------------------ data plane
 
-    def load_fast_path(self, services: list[tuple[str, int, int]]) -> Any:
+    def load_fast_path(self, services: list[tuple[str, int, int]],
+                       attach: str | None = None) -> Any:
         """Load edge (e0, e1) and worker (w0) programs; ``services`` = [(id, port,
-        internal_port)] on VIP → WORKER_MACHINE. Returns the edge Dataplane."""
+        internal_port)] on VIP → WORKER_MACHINE; ``attach`` "xdp"/"tc" (None: the
+        loader's default). Returns the edge Dataplane."""
         from edgeproxy.dataplane import Dataplane, DataplaneConfig
         from edgeproxy.routing import Backend, ServiceTable
 
-        limits = dict(max_services=64, max_machines=64, max_flows=1 << 18,
+        mode = {} if attach is None else {"attach": attach}
+        limits = dict(**mode, max_services=64, max_machines=64, max_flows=1 << 18,
                       max_maglev_slots=8192, max_backend_entries=1024)
         pid = os.getpid()
         edge = Dataplane(DataplaneConfig(
