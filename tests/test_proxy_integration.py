@@ -18,6 +18,7 @@ from test_proxy_support import (
     raw_exchange,
     request,
     run,
+    table,
 )
 
 
@@ -287,4 +288,75 @@ def test_backhaul_worker_down_then_back() -> None:
                     break
                 await asyncio.sleep(0.1)
             assert r.status == 200 and L.edge.snapshot().backhaul["127.0.0.3"].connects == 2
+
     run(main)
+
+
+def test_h2c_host_header_differing_from_authority_fails_only_its_stream() -> None:
+    """h2load -H "host: web.test" sends :authority from the URL plus a Host field.
+    RFC 9113 8.3.1: that request is malformed -> 400 on its stream; the connection
+    and its other streams are unaffected (h2 used to fail the whole connection)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def main() -> None:
+        async with lab() as L:
+            reader, writer = await asyncio.open_connection(VIP, L.port)
+            conn = h2.connection.H2Connection(
+                h2.config.H2Configuration(
+                    client_side=True, header_encoding=None, validate_outbound_headers=False
+                )
+            )
+            conn.initiate_connection()
+            base = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x")]
+            conn.send_headers(
+                1, [*base, (b":authority", b"10.0.0.1"), (b"host", b"web.test")], end_stream=True
+            )
+            conn.send_headers(3, [*base, (b":authority", b"web.test")], end_stream=True)
+            conn.send_headers(5, [*base, (b"host", b"web.test")], end_stream=True)
+            writer.write(conn.data_to_send())
+            statuses: dict[int, int] = {}
+            ended: set[int] = set()
+            while len(ended) < 3:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, "connection closed"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                    if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                        ended.add(event.stream_id)
+                writer.write(conn.data_to_send())
+            writer.close()
+            assert statuses == {1: 400, 3: 200, 5: 200}
+
+    run(main)
+
+
+def test_processes_share_listeners_and_split_budgets() -> None:
+    """proxy processes > 1: listeners carry SO_REUSEPORT (a second process can bind
+    the same address and port) and each process admits limit // processes."""
+    from edgeproxy.proxy.server import HttpProxy, process_share
+
+    async def main() -> None:
+        settings = dataclasses.replace(FAST, processes=2)
+        async with lab(settings) as L:
+            twin = HttpProxy(
+                role="edge", region="ord", host_addresses=["127.0.0.2"], settings=settings
+            )
+            shared = L.edge._routes.by_app_port[("web", L.port)]
+            whole = dataclasses.replace(shared, soft_limit=50, hard_limit=100)
+            twin.update([whole], {"web.test": "web"})
+            await twin.start()
+            try:
+                assert twin.listening == L.edge.listening and not twin.listen_errors
+                for _ in range(4):
+                    response = await request("GET", "/shared", L.port)
+                    assert response.status == 200
+            finally:
+                await twin.stop()
+            assert (shared.soft_limit, shared.hard_limit) == (25, 50)  # 50/100 over 2
+
+    run(main)
+    tiny = table("tiny", VIP, 80, [], soft=1, hard=3)
+    assert (process_share(tiny, 4).soft_limit, process_share(tiny, 4).hard_limit) == (1, 1)

@@ -324,3 +324,191 @@ def test_replayable_body_rewinds_within_limit() -> None:
         assert await cursor.read() == b"x" * 20 and not big.replayable
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- hot-path cores
+
+
+def _response_events(
+    data: bytes, method: bytes = b"GET", eof: bool = False
+) -> tuple[list[object], bool]:
+    from edgeproxy.proxy.responses import END, ResponseParser
+    from edgeproxy.proxy.responses import NEED_DATA as R_NEED
+
+    parser = ResponseParser()
+    parser.start(method)
+    parser.feed(data)
+    if eof:
+        parser.feed(b"")
+    events: list[object] = []
+    while True:
+        event = parser.next_event()
+        if event is R_NEED:
+            events.append("need")
+            return events, parser.keep_alive
+        events.append(event)
+        if event is END:
+            return events, parser.keep_alive
+
+
+def test_response_parser_frames_like_rfc9112() -> None:
+    from edgeproxy.proxy.responses import END
+    from edgeproxy.proxy.responses import Data as RData
+
+    events, keep = _response_events(b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 3\r\n\r\nabc")
+    assert events[0].status == 200 and events[0].headers == [  # type: ignore[attr-defined]
+        (b"server", b"x"),
+        (b"content-length", b"3"),
+    ]
+    assert events[1:] == [RData(b"abc"), END] and keep
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n"
+    )
+    events, keep = _response_events(chunked)
+    assert events[1:] == [RData(b"abc"), END] and keep
+    # HTTP/1.0 without keep-alive: until close, and the connection is not reused
+    events, keep = _response_events(b"HTTP/1.0 200 OK\r\n\r\nabc", eof=True)
+    assert events[1:] == [RData(b"abc"), END] and not keep
+    # bodiless: HEAD, 204, 304 end right after the head (no I/O needed)
+    for data, method in (
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HEAD"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", b"GET"),
+    ):
+        events, keep = _response_events(data, method)
+        assert events[1:] == [END] and keep
+    # 100 Continue is skipped over by the caller; the final head follows
+    events, _ = _response_events(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert [e.status for e in events[:2]] == [100, 200]  # type: ignore[attr-defined]
+    _, keep = _response_events(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    assert not keep
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 200 OK\r\nA: b\nC: d\r\n\r\n",  # bare LF
+        b"HTTP/1.1 200 OK\r\nA: b\rc\r\n\r\n",  # bare CR
+        b"HTTP/1.1 200 OK\r\n x: y\r\n\r\n",  # obs-fold
+        b"HTTP/1.1 200 OK\r\nA b: c\r\n\r\n",  # bad name
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/2 200\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
+    ],
+)
+def test_response_parser_refuses_malformed_responses(data: bytes) -> None:
+    from edgeproxy.proxy.responses import ResponseError
+
+    with pytest.raises(ResponseError):
+        _response_events(data)
+
+
+def test_response_parser_truncated_body_is_an_error() -> None:
+    from edgeproxy.proxy.responses import ResponseError
+
+    with pytest.raises(ResponseError):
+        _response_events(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", eof=True)
+
+
+def test_machine_request_head_refuses_header_injection() -> None:
+    from edgeproxy.proxy.machines import MachineRequest, _BadRequest, serialize_head
+
+    ok = serialize_head(MachineRequest(b"GET", b"/", [(b"host", b"a"), (b"x", b"y z")], None))
+    assert ok == b"GET / HTTP/1.1\r\nhost: a\r\nx: y z\r\n\r\n"
+    body = ReplayableBody(BytesBody(b"hi"))
+    post = serialize_head(MachineRequest(b"POST", b"/", [(b"host", b"a")], body, 2))
+    assert post.endswith(b"content-length: 2\r\n\r\n")
+    chunked = serialize_head(MachineRequest(b"POST", b"/", [(b"host", b"a")], body))
+    assert chunked.endswith(b"transfer-encoding: chunked\r\n\r\n")
+    for headers in (
+        [(b"x", b"a\r\nevil: 1")],
+        [(b"x", b"a\nb")],
+        [(b"x\r\nevil", b"1")],
+        [(b"x", b"a\x00")],
+    ):
+        with pytest.raises(_BadRequest):
+            serialize_head(MachineRequest(b"GET", b"/", headers, None))
+    with pytest.raises(_BadRequest):
+        serialize_head(MachineRequest(b"GET", b"/ HTTP/1.1\r\nx:", [], None))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b":status", b":path", b"content-length", b"cookie", b"x-a", b"server"]
+            ),
+            st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        ),
+        max_size=20,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_stateless_hpack_encoder_round_trips(fields: list[tuple[bytes, bytes]]) -> None:
+    from hpack import Decoder, Encoder
+
+    from edgeproxy.proxy.hpackfast import FastDecoder, StatelessEncoder
+
+    encoder, decoder, fast = StatelessEncoder(), Decoder(), FastDecoder()
+    for _ in range(2):  # the second block comes from the per-field cache
+        block = encoder.encode(fields)
+        assert decoder.decode(block, raw=True) == fields
+        assert fast.decode(block, raw=True) == fields
+    assert not decoder.header_table.dynamic_entries  # nothing indexed, ever
+    # Blocks from a stateful, huffman-coding encoder take the full decoder's path.
+    stateful, fast = Encoder(), FastDecoder()
+    for _ in range(2):
+        assert [tuple(f) for f in fast.decode(stateful.encode(fields), raw=True)] == fields
+
+
+def test_fast_hpack_decoder_keeps_the_header_list_limit() -> None:
+    from hpack import OversizedHeaderListError
+
+    from edgeproxy.proxy.hpackfast import FastDecoder, StatelessEncoder
+
+    decoder = FastDecoder()
+    decoder.max_header_list_size = 1000
+    with pytest.raises(OversizedHeaderListError):
+        decoder.decode(StatelessEncoder().encode([(b"x", b"y" * 2000)]), raw=True)
+
+
+def test_h2_request_checks_per_stream() -> None:
+    from edgeproxy.proxy.frontend_h2 import malformed_request
+
+    base = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+    assert malformed_request([*base, (b":authority", b"web.test"), (b"accept", b"*/*")]) is None
+    bad = [
+        [*base, (b"Accept", b"x")],  # upper-case name
+        [*base, (b"connection", b"close")],
+        [*base, (b"transfer-encoding", b"chunked")],
+        [*base, (b"te", b"gzip")],
+        [*base, (b"x", b"a\r\nb: c")],
+        [*base, (b"content-length", b"1"), (b"content-length", b"2")],
+        [(b":method", b"GET"), (b"accept", b"x"), (b":path", b"/"), (b":scheme", b"http")],
+        [*base, (b":path", b"/again")],
+        [(b":method", b"GET"), (b":path", b"/")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"")],
+    ]
+    for headers in bad:
+        assert malformed_request(headers) is not None, headers
+    assert malformed_request([*base, (b"te", b"trailers")]) is None
+
+
+def test_h2_host_header_and_authority_rfc9113_8_3_1() -> None:
+    from edgeproxy.proxy.frontend_h2 import request_authority
+
+    # Host alone (no :authority) names the target; :authority alone too.
+    assert request_authority(None, [(b"host", b"web.test")]) == (b"web.test", None)
+    assert request_authority(b"web.test", []) == (b"web.test", None)
+    # Both, same entity (case, trailing dot): allowed, :authority is used.
+    assert request_authority(b"web.test:80", [(b"host", b"WEB.test.:80")]) == (b"web.test:80", None)
+    # Both, different entities (h2load -H "host: x" keeps :authority from the URL):
+    # malformed, refused with 400 on that stream only.
+    authority, problem = request_authority(b"198.19.0.80", [(b"host", b"web.lab")])
+    assert authority is None and problem is not None and "differs" in problem
+    assert request_authority(b"a", [(b"host", b"a"), (b"host", b"a")])[1] is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from h2.errors import ErrorCodes
 
 from edgeproxy.proxy import headers as h
-from edgeproxy.proxy.bodies import ReplayableBody
+from edgeproxy.proxy.bodies import BodyReader, ReplayableBody, read_ready
 from edgeproxy.proxy.h2session import H2Session, H2Stream, StreamReset
 from edgeproxy.proxy.machines import MachinePool, MachineRequest
 from edgeproxy.proxy.routes import RouteMap
@@ -102,7 +103,13 @@ class _Link:
         except (OSError, TimeoutError) as exc:
             self._mark_failed()
             raise ConnectFailed(f"backhaul to {self.worker}: {exc!r}", self.worker) from exc
-        session = H2Session(reader, writer, client_side=True, stream_window=client.stream_window)
+        session = H2Session(
+            reader,
+            writer,
+            client_side=True,
+            stream_window=client.stream_window,
+            validate_inbound=False,  # responses from our own worker
+        )
         session.start()
         self.session = session
         self.connects += 1
@@ -228,12 +235,18 @@ class BackhaulClient:
         except BaseException:
             release()
             raise
-        upload = asyncio.ensure_future(_upload(stream, request.body))
+        # No body: no upload task (the request already ended with its HEADERS frame).
+        upload = (
+            asyncio.ensure_future(_upload(stream, request.body))
+            if request.body is not None
+            else None
+        )
         try:
-            response = await asyncio.wait_for(_response_head(stream, upload), response_timeout)
+            async with asyncio.timeout(response_timeout):
+                response = await _response_head(stream, upload)
         except BaseException as exc:
             stream.reset()
-            upload.cancel()
+            _cancel(upload)
             release()
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout("no response head over backhaul") from exc
@@ -242,7 +255,7 @@ class BackhaulClient:
         error = h.header_value(headers, h.UPSTREAM_ERROR)
         if error is not None:
             stream.reset()
-            upload.cancel()
+            _cancel(upload)
             release()
             raise {b"connect": ConnectFailed, b"timeout": UpstreamTimeout}.get(
                 error, UpstreamReset
@@ -250,9 +263,9 @@ class BackhaulClient:
         body = _StreamBody(stream, self.read_timeout)
 
         async def finish() -> None:
-            if not (stream.remote_ended and upload.done()):
+            if not (stream.remote_ended and (upload is None or upload.done())):
                 stream.reset()
-            upload.cancel()
+            _cancel(upload)
             release()
 
         if request.websocket and 200 <= status < 300:
@@ -287,9 +300,19 @@ async def _upload(stream: H2Stream, body: ReplayableBody | None) -> None:
     stream.end()
 
 
-async def _response_head(stream: H2Stream, upload: asyncio.Future[None]) -> tuple[int, Headers]:
+def _cancel(upload: asyncio.Future[None] | None) -> None:
+    if upload is not None:
+        upload.cancel()
+
+
+async def _response_head(
+    stream: H2Stream, upload: asyncio.Future[None] | None
+) -> tuple[int, Headers]:
+    if upload is None:
+        with contextlib.suppress(StreamReset):
+            await stream.headers
     both: set[asyncio.Future[object]] = {stream.headers, upload}  # type: ignore[arg-type]
-    while not stream.headers.done():
+    while upload is not None and not stream.headers.done():
         await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
         if upload.done() and not stream.headers.done():
             error = upload.exception()
@@ -319,9 +342,19 @@ class _StreamBody:
 
     async def read(self) -> bytes:
         try:
-            return await asyncio.wait_for(self._stream.read(), self._timeout)
+            ready = self._stream.read_ready()
+            if ready is not None:
+                return ready
+            async with asyncio.timeout(self._timeout):
+                return await self._stream.read()
         except (StreamReset, TimeoutError) as exc:
             raise UpstreamReset(f"backhaul body: {exc!r}") from exc
+
+    def read_ready(self) -> bytes | None:
+        try:
+            return self._stream.read_ready()
+        except StreamReset:
+            return None  # read() raises it
 
 
 class StreamTunnel:
@@ -373,8 +406,17 @@ async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
     websocket = pseudo.get(b":method") == b"CONNECT" and pseudo.get(b":protocol") == b"websocket"
     method = b"GET" if websocket else pseudo.get(b":method", b"GET")
     content_length = h.header_value(fields, b"content-length")
+    if content_length is not None and not content_length.isdigit():
+        _answer_error(stream, 400, b"bad-request")
+        return
+    # The backhaul session skips h2's inbound header checks (cost); what they guarded
+    # is enforced here: names must be tokens, no hop-by-hop or framing field passes
+    # (we frame the request ourselves), and machines.serialize_head refuses CR/LF/NUL.
+    if not _names_ok(fields):
+        _answer_error(stream, 400, b"bad-request")
+        return
     delivered = [(b"host", pseudo.get(b":authority", b""))] + [
-        (n, v) for n, v in h.strip_internal(fields) if n != b"content-length"
+        (n, v) for n, v in fields if n not in _NOT_DELIVERED and n not in h.HOP_BY_HOP
     ]
     has_body = not websocket and not stream.ended_with_headers
     body = ReplayableBody(_StreamReader(stream), limit=64 * 1024) if has_body else None
@@ -407,6 +449,15 @@ async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
         await response.aclose()
 
 
+_NOT_DELIVERED = frozenset({h.TARGET, h.APP, b"content-length", b"host"})
+_NAMES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9a-z]+\n)*")
+
+
+def _names_ok(fields: Headers) -> bool:
+    """Every field name a lower-case token (one regex over all names)."""
+    return _NAMES.fullmatch(b"".join([n + b"\n" for n, _ in fields])) is not None
+
+
 def _local_backend(ctx: WorkerContext, target: bytes) -> Backend | None:
     address, _, port = target.decode("latin-1").rpartition(":")
     if not port.isdigit():
@@ -426,10 +477,31 @@ async def _relay_response(
         await splice(StreamTunnel(stream), response.tunnel, ctx.tunnel_idle_timeout)
         return
     no_body = method == b"HEAD" or response.status in _NO_BODY_STATUSES or response.status < 200
-    stream.send_headers([(b":status", str(response.status).encode()), *headers], end_stream=no_body)
+    status = [(b":status", b"%d" % response.status)]
     if no_body:
+        stream.send_headers([*status, *headers], end_stream=True)
         return
-    while chunk := await response.body.read():
+    await send_body(stream, [*status, *headers], response.body)
+
+
+async def send_body(stream: H2Stream, headers: Headers, body: BodyReader) -> None:
+    """HEADERS, then the body; a body already buffered whole leaves in the same
+    batch with END_STREAM on its one DATA frame (or on HEADERS when empty)."""
+    first = read_ready(body)
+    if first is not None:
+        second = read_ready(body) if first else b""
+        if second == b"":
+            stream.send_headers(headers, end_stream=not first)
+            if first:
+                await stream.write(first, end=True)
+            return
+        stream.send_headers(headers)
+        await stream.write(first)
+        if second:
+            await stream.write(second)
+    else:
+        stream.send_headers(headers)
+    while chunk := await body.read():
         await stream.write(chunk)
     stream.end()
 

@@ -18,6 +18,16 @@ class BodyReader(Protocol):
         ...
 
 
+def read_ready(body: BodyReader) -> bytes | None:
+    """The next chunk if ``body`` has it without waiting (b"" at its end), else None.
+
+    Readers that can tell (a machine's response already in the buffer, HTTP/2 DATA
+    already received) define ``read_ready()``; it lets a small response leave in one
+    write with its head instead of a write per piece."""
+    method = getattr(body, "read_ready", None)
+    return method() if method is not None else None
+
+
 class EmptyBody:
     async def read(self) -> bytes:
         return b""
@@ -28,6 +38,10 @@ class BytesBody:
         self._data = data
 
     async def read(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+    def read_ready(self) -> bytes | None:
         data, self._data = self._data, b""
         return data
 

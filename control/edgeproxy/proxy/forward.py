@@ -297,7 +297,7 @@ class Forwarder:
         body: ReplayableBody | None,
     ) -> UpstreamResponse:
         timeout = self.settings.response_timeout
-        if str(backend.worker_address) in self.settings.host_addresses:
+        if _text(backend.worker_address) in self.settings.host_addresses:
             host = [(b"host", request.authority)] if request.authority else []
             machine_request = MachineRequest(
                 request.method,
@@ -308,7 +308,7 @@ class Forwarder:
                 request.websocket,
             )
             return await self.machines.exchange(
-                str(backend.address), backend.port, machine_request, timeout
+                _text(backend.address), backend.port, machine_request, timeout
             )
         backhaul_request = BackhaulRequest(
             app=table.app,
@@ -345,6 +345,19 @@ class Forwarder:
 
             response.on_close.append(release)
         return response
+
+
+_ADDRESS_TEXT: dict[object, str] = {}
+
+
+def _text(address: object) -> str:
+    """str() of an IP address, cached: ipaddress formats it anew on every call."""
+    text = _ADDRESS_TEXT.get(address)
+    if text is None:
+        if len(_ADDRESS_TEXT) > 65536:
+            _ADDRESS_TEXT.clear()
+        text = _ADDRESS_TEXT[address] = str(address)
+    return text
 
 
 def _machines_behind(table: ServiceTable, worker: str) -> frozenset[str]:

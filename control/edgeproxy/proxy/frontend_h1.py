@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from edgeproxy.proxy import headers as h
+from edgeproxy.proxy.bodies import read_ready
 from edgeproxy.proxy.forward import (
     ConnectionLeases,
     Forwarder,
@@ -61,7 +62,8 @@ class _ClientBody:
                 self.ended = True
                 break
             try:
-                data = await asyncio.wait_for(self._reader.read(READ_SIZE), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    data = await self._reader.read(READ_SIZE)
             except (TimeoutError, ConnectionError, OSError) as exc:
                 self.error = ClientBodyError(408, "request body timed out")
                 raise self.error from exc
@@ -132,7 +134,9 @@ class H1Connection:
                 deadline = deadline or loop.time() + self.timeouts.header
                 timeout = deadline - loop.time()
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), max(timeout, 0))
+                # One timer per read (asyncio.timeout), not a task per read (wait_for).
+                async with asyncio.timeout(max(timeout, 0)):
+                    data = await self.reader.read(READ_SIZE)
             except TimeoutError:
                 if not self.parser.between_requests:
                     await self._write_error(
@@ -205,7 +209,8 @@ class H1Connection:
             if remaining <= 0:
                 raise HttpError(408, "request body timed out")
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), remaining)
+                async with asyncio.timeout(remaining):
+                    data = await self.reader.read(READ_SIZE)
             except TimeoutError as exc:
                 raise HttpError(408, "request body timed out") from exc
             if not data:
@@ -237,15 +242,43 @@ class H1Connection:
             headers.append((b"connection", b"close"))
         elif head.http_version == b"1.0":
             headers.append((b"connection", b"keep-alive"))
-        self.writer.write(_head_bytes(response.status, response.reason, headers))
+        out = _head_bytes(response.status, response.reason, headers)
         if not no_body:
-            while chunk := await response.body.read():
-                self.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                await self.writer.drain()
-            if chunked:
-                self.writer.write(b"0\r\n\r\n")
+            # A body already buffered (the usual small response) leaves with its head
+            # in one write; otherwise the head goes first and the body streams after.
+            chunk = read_ready(response.body)
+            if chunk is not None:
+                if chunk:
+                    out += b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                    more = read_ready(response.body)  # usually b"": the end, already seen
+                    if more is None or more:
+                        self.writer.write(out)
+                        out = b""
+                        if more:
+                            self.writer.write(
+                                b"%x\r\n%b\r\n" % (len(more), more) if chunked else more
+                            )
+                        await self._stream_body(response, chunked)
+                        return keep
+                if chunked:
+                    out += b"0\r\n\r\n"
+                self.writer.write(out)
+            else:
+                self.writer.write(out)
+                await self._stream_body(response, chunked)
+                return keep
+        else:
+            self.writer.write(out)
         await self.writer.drain()
         return keep
+
+    async def _stream_body(self, response: ProxyResponse, chunked: bool) -> None:
+        while chunk := await response.body.read():
+            self.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await self.writer.drain()
+        if chunked:
+            self.writer.write(b"0\r\n\r\n")
+        await self.writer.drain()
 
     async def _tunnel(self, response: ProxyResponse) -> None:
         assert response.tunnel is not None

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 
 from h2.errors import ErrorCodes
 
 from edgeproxy.proxy import headers as h
+from edgeproxy.proxy.backhaul import send_body
 from edgeproxy.proxy.forward import ConnectionLeases, Forwarder, ProxyRequest, error_response
 from edgeproxy.proxy.frontend_h1 import ClientTimeouts
-from edgeproxy.proxy.h2session import H2Session, H2Stream, StreamReset
+from edgeproxy.proxy.h2session import H2Session, H2Stream, Headers, StreamReset
 from edgeproxy.proxy.upstream import ClientBodyError, UpstreamError
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -25,11 +27,94 @@ class _StreamBody:
 
     async def read(self) -> bytes:
         try:
-            return await asyncio.wait_for(self._stream.read(), self._timeout)
+            ready = self._stream.read_ready()
+            if ready is not None:
+                return ready
+            async with asyncio.timeout(self._timeout):
+                return await self._stream.read()
         except TimeoutError as exc:
             raise ClientBodyError(408, "request body timed out") from exc
         except StreamReset as exc:
             raise ClientBodyError(400, "client reset the stream") from exc
+
+
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+# RFC 9113 8.2.2: connection-specific fields make a request malformed.
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_NAMES = re.compile(rb"(?::?[!#$%&'*+\-.^_`|~0-9a-z]+\n)*")
+
+
+def malformed_request(raw: Headers) -> str | None:
+    """Why a client's HTTP/2 request header list is malformed (RFC 9113 8.1.1,
+    8.2, 8.3), or None. The h2 library's own inbound checks are off (they make any
+    of these a *connection* error, failing every stream; and they cost), so this
+    is where they are enforced, per stream."""
+    if _NAMES.fullmatch(b"".join([n + b"\n" for n, _ in raw])) is None:
+        return "bad header field name (must be a lower-case token)"
+    seen: set[bytes] = set()
+    regular = False
+    lengths: set[bytes] = set()
+    for name, value in raw:
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            return "CR, LF or NUL in a header field value"
+        if name[:1] == b":":
+            if regular:
+                return "pseudo-header field after a regular field"
+            if name not in _PSEUDO or name in seen:
+                return "unknown or repeated pseudo-header field"
+            seen.add(name)
+            continue
+        regular = True
+        if name in _CONNECTION_SPECIFIC:
+            return f"connection-specific header field {name.decode()}"
+        if name == b"te" and value.strip().lower() != b"trailers":
+            return "TE other than trailers"
+        if name == b"content-length":
+            if not value.isdigit():
+                return "bad content-length"
+            lengths.add(value.lstrip(b"0") or b"0")
+    if len(lengths) > 1:
+        return "conflicting content-length"
+    if b":method" not in seen:
+        return "missing :method"
+    method = next(v for n, v in raw if n == b":method")
+    if method != b"CONNECT" and not ({b":scheme", b":path"} <= seen):
+        return "missing :scheme or :path"
+    if method != b"CONNECT" and not next(v for n, v in raw if n == b":path"):
+        return "empty :path"
+    return None
+
+
+def request_authority(authority: bytes | None, headers: Headers) -> tuple[bytes | None, str | None]:
+    """The request's authority and, if the request is malformed, why.
+
+    RFC 9113 8.3.1: clients SHOULD send ``:authority`` rather than Host, but a Host
+    header field is allowed; without ``:authority`` it names the target. When both
+    are present :authority is the one that counts, and a Host that identifies a
+    different entity makes the request malformed (the server SHOULD treat it so):
+    it is refused with 400 rather than routed by one value while the machine sees
+    the other. Same entity means equal after normalisation (case, trailing dot).
+    """
+    hosts = [v for n, v in headers if n == b"host"]
+    if len(hosts) > 1:
+        return None, "more than one Host header field"
+    if not hosts:
+        return authority, None
+    host = hosts[0]
+    if not authority:
+        return host, None
+    if normalize_authority(host) != normalize_authority(authority):
+        return None, "Host header field differs from :authority (RFC 9113 8.3.1)"
+    return authority, None
+
+
+def normalize_authority(value: bytes) -> bytes:
+    host, sep, port = value.strip().lower().rpartition(b":")
+    if not sep or b"]" in port:  # no port (or an IPv6 literal without one)
+        host, port = value.strip().lower(), b""
+    return host.rstrip(b".") + (b":" + port if port else b"")
 
 
 class H2ClientConnection:
@@ -58,6 +143,7 @@ class H2ClientConnection:
             connection_window=1024 * 1024,
             max_concurrent_streams=128,
             preface_already_read=first_bytes,
+            validate_inbound=False,  # malformed_request() instead, per stream
         )
 
     async def serve(self) -> None:
@@ -69,10 +155,19 @@ class H2ClientConnection:
 
     async def _serve_stream(self, stream: H2Stream) -> None:
         raw = stream.headers.result()
+        problem = malformed_request(raw)
+        if problem is not None:
+            # RFC 9113 8.1.1: a malformed request is a *stream* error; the other
+            # streams on the connection carry on.
+            await self._send_simple(stream, 400, problem, reset=True)
+            return
         pseudo = {n: v for n, v in raw if n.startswith(b":")}
         headers = [(n, v) for n, v in raw if not n.startswith(b":") and n != b"host"]
         method = pseudo.get(b":method", b"")
-        authority = pseudo.get(b":authority") or h.header_value(raw, b"host")
+        authority, problem = request_authority(pseudo.get(b":authority"), raw)
+        if problem is not None:
+            await self._send_simple(stream, 400, problem, reset=True)
+            return
         if method == b"CONNECT":
             await self._send_simple(stream, 501, "CONNECT over HTTP/2 is not supported")
             return
@@ -96,22 +191,23 @@ class H2ClientConnection:
         response = await self.forwarder.handle(request, self.leases)
         try:
             no_body = method == b"HEAD" or response.status in _NO_BODY_STATUSES
-            out = [(n.lower(), v) for n, v in response.headers]
-            stream.send_headers(
-                [(b":status", str(response.status).encode()), *out], end_stream=no_body
-            )
-            if not no_body:
-                while chunk := await response.body.read():
-                    await stream.write(chunk)
-                stream.end()
+            out = [(b":status", b"%d" % response.status)]
+            out += [(n.lower(), v) for n, v in response.headers]
+            if no_body:
+                stream.send_headers(out, end_stream=True)
+            else:
+                await send_body(stream, out, response.body)
         except (StreamReset, UpstreamError, ConnectionError, OSError):
             stream.reset(ErrorCodes.INTERNAL_ERROR)
         finally:
             await response.aclose()
 
-    async def _send_simple(self, stream: H2Stream, status: int, detail: str) -> None:
+    async def _send_simple(
+        self, stream: H2Stream, status: int, detail: str, reset: bool = False
+    ) -> None:
         response = error_response(status, h.new_request_id(), detail)
         with contextlib.suppress(StreamReset):
             stream.send_headers([(b":status", str(status).encode()), *response.headers])
-            await stream.write(await response.body.read())
-            stream.end()
+            await stream.write(await response.body.read(), end=True)
+            if reset and not stream.remote_ended:
+                stream.reset(ErrorCodes.NO_ERROR)  # its body will never be read

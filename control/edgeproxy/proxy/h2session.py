@@ -25,6 +25,8 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from edgeproxy.proxy.hpackfast import FastDecoder, StatelessEncoder
+
 Headers = list[tuple[bytes, bytes]]
 READ_SIZE = 64 * 1024
 
@@ -33,15 +35,39 @@ class StreamReset(Exception):
     """The stream was reset, or its connection went away."""
 
 
+class _Signal:
+    """Wake the one task waiting on it; a set() with no waiter is not remembered
+    (callers re-check their condition before waiting)."""
+
+    __slots__ = ("_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+
 class H2Stream:
     def __init__(self, session: H2Session, stream_id: int) -> None:
         self.session = session
         self.stream_id = stream_id
-        loop = asyncio.get_running_loop()
-        self.headers: asyncio.Future[Headers] = loop.create_future()
+        self.headers: asyncio.Future[Headers] = session._loop.create_future()
         self._chunks: deque[tuple[bytes, int]] = deque()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
+        # One waiter each for the consumer and the writer (cheaper than asyncio.Event,
+        # whose every wait looks the running loop up again).
+        self._readable = _Signal(session._loop)
+        self._writable = _Signal(session._loop)
         self._remote_ended = False
         self._local_ended = False
         self._error: StreamReset | None = None
@@ -56,11 +82,20 @@ class H2Stream:
                 raise self._error
             if self._remote_ended:
                 return b""
-            self._readable.clear()
             await self._readable.wait()
         data, flow = self._chunks.popleft()
         self._credit(flow)
         return data
+
+    def read_ready(self) -> bytes | None:
+        """The next DATA payload if already here (b"" at END_STREAM), else None."""
+        if self._chunks:
+            data, flow = self._chunks.popleft()
+            self._credit(flow)
+            return data
+        if self._error is not None:
+            raise self._error
+        return b"" if self._remote_ended else None
 
     def _credit(self, flow: int) -> None:
         # Batch WINDOW_UPDATEs: a frame per DATA frame would double the frame count.
@@ -84,9 +119,23 @@ class H2Stream:
         self.session.flush()
         self._maybe_forget()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, end: bool = False) -> None:
+        """Send ``data`` within the flow-control windows; ``end`` closes our side with
+        the last DATA frame (no separate empty frame)."""
         view = memoryview(data)
         conn = self.session.conn
+        if end and len(view) <= min(conn.max_outbound_frame_size, self._window_or_zero(conn)):
+            self._check()
+            if self._local_ended:
+                return
+            try:
+                conn.send_data(self.stream_id, data, end_stream=True)
+            except h2.exceptions.StreamClosedError as exc:
+                raise StreamReset(str(exc)) from exc
+            self._local_ended = True
+            self.session.flush()
+            self._maybe_forget()
+            return
         while view:
             self._check()
             try:
@@ -95,13 +144,20 @@ class H2Stream:
                 raise StreamReset(str(exc)) from exc
             size = min(window, conn.max_outbound_frame_size, len(view))
             if size <= 0:
-                self._writable.clear()
                 await self._writable.wait()
                 continue
             conn.send_data(self.stream_id, view[:size].tobytes())
             self.session.flush()
             view = view[size:]
         await self.session.drain()
+        if end:
+            self.end()
+
+    def _window_or_zero(self, conn: h2.connection.H2Connection) -> int:
+        try:
+            return int(conn.local_flow_control_window(self.stream_id))
+        except h2.exceptions.StreamClosedError:
+            return 0
 
     def end(self) -> None:
         if self._local_ended or self._error is not None:
@@ -166,14 +222,30 @@ class H2Session:
         max_concurrent_streams: int = 1000,
         enable_connect_protocol: bool = False,
         preface_already_read: bytes = b"",
+        validate_inbound: bool = True,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.stream_window = stream_window
         self._connection_window = connection_window
         self._on_stream = on_stream
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        # Outbound headers are ours (lower-case names, values already checked by our
+        # parsers), so h2's per-header validation/normalisation is pure cost. h2's
+        # inbound checks turn a malformed request into a *connection* error; callers
+        # that check each request themselves (per stream) turn them off.
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=validate_inbound,
+            normalize_inbound_headers=validate_inbound,
+        )
         self.conn = h2.connection.H2Connection(config=config)
+        self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]  # see hpackfast
+        decoder = FastDecoder()
+        decoder.max_header_list_size = self.conn.decoder.max_header_list_size
+        self.conn.decoder = decoder
         # Sent with update_settings() after the preface, so h2 applies them (frame
         # size, windows) when the peer acknowledges, as RFC 9113 requires.
         self._settings: dict[h2.settings.SettingCodes | int, int] = {
@@ -190,6 +262,8 @@ class H2Session:
         self.closed = asyncio.Event()
         self.draining = False  # GOAWAY seen or sent: no new streams
         self._preface = preface_already_read
+        self._loop = asyncio.get_running_loop()
+        self._flush_pending = False
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -226,10 +300,13 @@ class H2Session:
             return
         with contextlib.suppress(Exception):
             self.conn.close_connection(error_code=error_code)
-            self.flush()
+            self._flush_now()
         self._shutdown()
 
     def _shutdown(self) -> None:
+        if not self.writer.is_closing():
+            with contextlib.suppress(Exception):
+                self._flush_now()
         self.closed.set()
         self.draining = True
         for stream in list(self._streams.values()):
@@ -244,11 +321,20 @@ class H2Session:
         self.writer.close()
 
     def flush(self) -> None:
+        """Send what h2 has queued — once per loop iteration, so the frames every
+        stream produced in one batch of events leave in one write."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         data = self.conn.data_to_send()
         if data and not self.writer.is_closing():
             self.writer.write(data)
 
     async def drain(self) -> None:
+        self._flush_now()
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
@@ -266,7 +352,9 @@ class H2Session:
             if self.draining:
                 raise StreamReset("connection draining")
             limit = self.conn.remote_settings.max_concurrent_streams
-            if self.conn.open_outbound_streams < limit:
+            # Our own map first (h2's count walks every stream); it holds every
+            # stream we opened that is not yet closed both ways, so it is never low.
+            if len(self._streams) < limit or self.conn.open_outbound_streams < limit:
                 break
             self._stream_slot.clear()
             await self._stream_slot.wait()
@@ -359,7 +447,7 @@ class H2Session:
         if self._on_stream is None or self.draining:
             stream.reset(ErrorCodes.REFUSED_STREAM)
             return
-        task = asyncio.get_running_loop().create_task(self._on_stream(stream))
+        task = self._loop.create_task(self._on_stream(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -1,7 +1,10 @@
-"""HTTP/1.1 to machines on this host's network, with a small keep-alive pool per
+"""HTTP/1.1 to machines on this host's network, with a keep-alive pool per
 machine. Used by the worker for backhauled requests and by the edge for machines
-on its own host. h11 frames the machine's responses (it is strict where we need
-it: the machine side is not where smuggling comes from, but framing must be right).
+on its own host. ``responses.ResponseParser`` frames the machine's responses (the
+machine side is not where smuggling comes from, but framing must be right).
+
+Hot-path rules: a request without a body is one ``write`` and no extra task; the
+response-head deadline is one timer (``asyncio.timeout``), not a task per read.
 """
 
 from __future__ import annotations
@@ -9,12 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import h11
-
 from edgeproxy.proxy.bodies import BodyReader, ReplayableBody
+from edgeproxy.proxy.responses import (
+    END,
+    NEED_DATA,
+    Data,
+    ResponseError,
+    ResponseHead,
+    ResponseParser,
+)
 from edgeproxy.proxy.upstream import (
     ClientBodyError,
     ConnectFailed,
@@ -42,7 +51,7 @@ class MachineRequest:
 class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    h11: h11.Connection
+    parser: ResponseParser = field(default_factory=ResponseParser)
     idle_since: float = 0.0
     reused: bool = False
 
@@ -59,13 +68,44 @@ class _StaleConnection(Exception):
     """A pooled connection was closed by the machine before it answered."""
 
 
+class _BadRequest(Exception):
+    """The request cannot be written as HTTP/1.1 (a CR, LF or NUL in a field)."""
+
+
+def serialize_head(request: MachineRequest) -> bytes:
+    """The request head bytes, with our framing headers; refuses header injection."""
+    headers = request.headers
+    parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if request.websocket:
+        parts.append(b"connection: Upgrade\r\nupgrade: websocket\r\n")
+        lines = len(headers) + 3
+    elif request.body is not None:
+        if request.content_length is not None:
+            parts += (b"content-length: ", b"%d" % request.content_length, b"\r\n")
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        lines = len(headers) + 2
+    else:
+        lines = len(headers) + 1
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # Every CR and LF must be one of ours: a field carrying one would split the head.
+    if head.count(b"\n") != lines + 1 or head.count(b"\r") != lines + 1 or b"\0" in head:
+        raise _BadRequest("CR, LF or NUL in the request line or a header field")
+    if b" " in request.target or b" " in request.method:
+        raise _BadRequest("space in the request line")
+    return head
+
+
 class MachinePool:
     def __init__(
         self,
         *,
         connect_timeout: float,
         read_timeout: float,
-        idle_per_machine: int = 16,
+        idle_per_machine: int = 256,
         idle_timeout: float = 4.0,
     ) -> None:
         self.connect_timeout = connect_timeout
@@ -82,6 +122,8 @@ class MachinePool:
 
     def _take_idle(self, key: tuple[str, int]) -> _Conn | None:
         conns = self._idle.get(key)
+        if not conns:
+            return None
         now = time.monotonic()
         while conns:
             conn = conns.pop()
@@ -92,7 +134,9 @@ class MachinePool:
         return None
 
     def _put_idle(self, key: tuple[str, int], conn: _Conn) -> None:
-        conns = self._idle.setdefault(key, [])
+        conns = self._idle.get(key)
+        if conns is None:
+            conns = self._idle[key] = []
         if len(conns) >= self.idle_per_machine:
             conn.writer.close()
             return
@@ -101,24 +145,25 @@ class MachinePool:
 
     async def _connect(self, address: str, port: int) -> _Conn:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(address, port, limit=READ_SIZE), self.connect_timeout
-            )
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(address, port, limit=READ_SIZE)
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"{address}:{port}: {exc!r}") from exc
-        return _Conn(
-            reader, writer, h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
-        )
+        return _Conn(reader, writer)
 
     async def exchange(
         self, address: str, port: int, request: MachineRequest, response_timeout: float
     ) -> UpstreamResponse:
         """Send one request; return once the response head is in."""
+        try:
+            head = serialize_head(request)
+        except _BadRequest as exc:
+            raise ConnectFailed(f"cannot send request: {exc}") from exc
         key = (address, port)
         conn = self._take_idle(key)
         if conn is not None:
             try:
-                return await self._exchange_on(key, conn, request, response_timeout)
+                return await self._exchange_on(key, conn, head, request, response_timeout)
             except _StaleConnection:
                 # Keep-alive race: the machine closed as we reused. Safe to resend
                 # on a fresh connection only if we can resend the body.
@@ -126,32 +171,30 @@ class MachinePool:
                     raise UpstreamReset("pooled connection closed") from None
         conn = await self._connect(address, port)
         try:
-            return await self._exchange_on(key, conn, request, response_timeout)
+            return await self._exchange_on(key, conn, head, request, response_timeout)
         except _StaleConnection as exc:
             raise UpstreamReset(f"{address}:{port} closed the connection") from exc
 
     async def _exchange_on(
-        self, key: tuple[str, int], conn: _Conn, request: MachineRequest, response_timeout: float
+        self,
+        key: tuple[str, int],
+        conn: _Conn,
+        head: bytes,
+        request: MachineRequest,
+        response_timeout: float,
     ) -> UpstreamResponse:
-        headers = list(request.headers)
-        if request.websocket:
-            headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
-        elif request.body is not None:
-            if request.content_length is not None:
-                headers.append((b"content-length", str(request.content_length).encode()))
-            else:
-                headers.append((b"transfer-encoding", b"chunked"))
-        try:
-            head = conn.h11.send(
-                h11.Request(method=request.method, target=request.target, headers=headers)
+        conn.parser.start(b"GET" if request.websocket else request.method)
+        upload: asyncio.Future[None] | None = None
+        if request.body is None:
+            conn.writer.write(head)
+        else:
+            chunked = request.content_length is None and not request.websocket
+            upload = asyncio.ensure_future(
+                _upload(conn, head, request.body.cursor(), chunked, request.content_length)
             )
-        except h11.LocalProtocolError as exc:
-            conn.writer.close()
-            raise ConnectFailed(f"cannot send request: {exc}") from exc
-        body = request.body.cursor() if request.body is not None else None
-        upload = asyncio.ensure_future(self._upload(conn, head or b"", body))
         try:
-            response = await asyncio.wait_for(self._read_head(conn, upload), response_timeout)
+            async with asyncio.timeout(response_timeout):
+                response = await self._read_head(conn, upload)
         except TimeoutError as exc:
             await _cancel(upload)
             conn.writer.close()
@@ -160,43 +203,34 @@ class MachinePool:
             await _cancel(upload)
             conn.writer.close()
             raise
-        if isinstance(response, h11.InformationalResponse):  # 101 Switching Protocols
+        if response.status == 101:
             await _cancel(upload)
-            leftover = conn.h11.trailing_data[0]
+            leftover = bytes(conn.parser.buffer)
+            conn.parser.buffer.clear()
             tunnel = SocketTunnel(conn.reader, conn.writer, leftover)
-            return UpstreamResponse(101, response.reason, list(response.headers), _NoBody(), tunnel)
+            return UpstreamResponse(101, response.reason, response.headers, _NoBody(), tunnel)
         reader = _ResponseBody(self, key, conn, upload)
         return UpstreamResponse(
-            response.status_code,
+            response.status,
             response.reason,
-            list(response.headers),
+            response.headers,
             reader,
             None,
             reader.finish,
         )
 
-    async def _upload(self, conn: _Conn, head: bytes, body: BodyReader | None) -> None:
-        writer = conn.writer
-        writer.write(head)
-        if body is not None:
-            while chunk := await body.read():
-                writer.write(conn.h11.send(h11.Data(data=chunk)) or b"")
-                await writer.drain()
-        if conn.h11.our_state is h11.SEND_BODY or body is None:
-            writer.write(conn.h11.send(h11.EndOfMessage()) or b"")
-        await writer.drain()
-
-    async def _read_head(
-        self, conn: _Conn, upload: asyncio.Future[None]
-    ) -> h11.Response | h11.InformationalResponse:
+    async def _read_head(self, conn: _Conn, upload: asyncio.Future[None] | None) -> ResponseHead:
         received_any = False
+        parser = conn.parser
         while True:
             try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                event = parser.next_event()
+            except ResponseError as exc:
+                if not received_any and conn.reused and parser.eof and not parser.buffer:
+                    raise _StaleConnection() from exc
                 raise UpstreamReset(f"bad response from machine: {exc}") from exc
-            if event is h11.NEED_DATA:
-                if upload.done() and upload.exception() is not None:
+            if event is NEED_DATA:
+                if upload is not None and upload.done() and upload.exception() is not None:
                     _raise_upload_error(upload, conn.reused and not received_any)
                 data = await self._recv(conn, upload)
                 if not data:
@@ -204,25 +238,29 @@ class MachinePool:
                         raise _StaleConnection()
                     raise UpstreamReset("machine closed before answering")
                 received_any = True
-                conn.h11.receive_data(data)
+                parser.feed(data)
                 continue
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    return event
-                continue  # 100 Continue etc.: the edge already answered the client
-            if isinstance(event, h11.Response):
+            if isinstance(event, ResponseHead):
+                if event.status < 200 and event.status != 101:
+                    continue  # 100 Continue etc.: the edge already answered the client
                 return event
             raise UpstreamReset(f"unexpected event {event!r}")
 
-    async def _recv(self, conn: _Conn, upload: asyncio.Future[None]) -> bytes:
+    async def _recv(self, conn: _Conn, upload: asyncio.Future[None] | None) -> bytes:
         """Read from the machine, but notice a failed upload (client body error) at once."""
+        if upload is None or upload.done():
+            try:
+                return await conn.reader.read(READ_SIZE)
+            except (ConnectionError, OSError) as exc:
+                if conn.reused:
+                    raise _StaleConnection() from exc
+                raise UpstreamReset(repr(exc)) from exc
         read = asyncio.ensure_future(conn.reader.read(READ_SIZE))
         try:
-            if not upload.done():
-                both: set[asyncio.Future[Any]] = {read, upload}
-                await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
-                if upload.done() and upload.exception() is not None and not read.done():
-                    _raise_upload_error(upload, False)
+            both: set[asyncio.Future[Any]] = {read, upload}
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+            if upload.done() and upload.exception() is not None and not read.done():
+                _raise_upload_error(upload, False)
             return await read
         except (ConnectionError, OSError) as exc:
             if conn.reused:
@@ -235,6 +273,25 @@ class MachinePool:
                     await read
 
 
+async def _upload(
+    conn: _Conn, head: bytes, body: BodyReader, chunked: bool, length: int | None
+) -> None:
+    writer = conn.writer
+    writer.write(head)
+    sent = 0
+    while chunk := await body.read():
+        sent += len(chunk)
+        if length is not None and sent > length:
+            raise UpstreamReset("request body longer than its Content-Length")
+        writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+        await writer.drain()
+    if chunked:
+        writer.write(b"0\r\n\r\n")
+    elif length is not None and sent != length:
+        raise UpstreamReset("request body shorter than its Content-Length")
+    await writer.drain()
+
+
 def _raise_upload_error(upload: asyncio.Future[None], stale: bool) -> None:
     error = upload.exception()
     if isinstance(error, ClientBodyError):
@@ -244,7 +301,9 @@ def _raise_upload_error(upload: asyncio.Future[None], stale: bool) -> None:
     raise UpstreamReset(f"sending the request failed: {error!r}")
 
 
-async def _cancel(task: asyncio.Future[None]) -> None:
+async def _cancel(task: asyncio.Future[None] | None) -> None:
+    if task is None:
+        return
     if not task.done():
         task.cancel()
     with contextlib.suppress(BaseException):
@@ -260,8 +319,14 @@ class _ResponseBody:
     """Streams the machine's response body; returns the connection to the pool when
     both directions finished cleanly."""
 
+    __slots__ = ("_conn", "_done", "_key", "_pool", "_upload")
+
     def __init__(
-        self, pool: MachinePool, key: tuple[str, int], conn: _Conn, upload: asyncio.Future[None]
+        self,
+        pool: MachinePool,
+        key: tuple[str, int],
+        conn: _Conn,
+        upload: asyncio.Future[None] | None,
     ) -> None:
         self._pool = pool
         self._key = key
@@ -271,39 +336,59 @@ class _ResponseBody:
 
     async def read(self) -> bytes:
         conn = self._conn
+        parser = conn.parser
         while not self._done:
             try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                event = parser.next_event()
+            except ResponseError as exc:
                 raise UpstreamReset(f"bad response body: {exc}") from exc
-            if event is h11.NEED_DATA:
+            if event is NEED_DATA:
                 try:
-                    data = await asyncio.wait_for(
-                        conn.reader.read(READ_SIZE), self._pool.read_timeout
-                    )
+                    async with asyncio.timeout(self._pool.read_timeout):
+                        data = await conn.reader.read(READ_SIZE)
                 except (ConnectionError, OSError, TimeoutError) as exc:
                     raise UpstreamReset(f"reading response body: {exc!r}") from exc
-                conn.h11.receive_data(data)
+                parser.feed(data)
                 continue
-            if isinstance(event, h11.Data):
-                return bytes(event.data)
-            if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            if isinstance(event, Data):
+                return event.data
+            if event is END:
                 self._done = True
         return b""
 
+    def read_ready(self) -> bytes | None:
+        """The next chunk if it is already buffered (b"" at the end), else None: no I/O."""
+        if self._done:
+            return b""
+        parser = self._conn.parser
+        while True:
+            try:
+                event = parser.next_event()
+            except ResponseError:
+                return None  # let read() raise it
+            if event is NEED_DATA:
+                return None
+            if isinstance(event, Data):
+                return event.data
+            if event is END:
+                self._done = True
+                return b""
+
     async def finish(self) -> None:
         conn = self._conn
+        upload = self._upload
         reusable = False
-        if self._done and self._upload.done() and not self._upload.cancelled():
-            reusable = self._upload.exception() is None and conn.h11.our_state is h11.DONE
-            reusable = reusable and conn.h11.their_state is h11.DONE
+        if not self._done:
+            self.read_ready()  # a bodiless response (HEAD, 204, 304) ends without I/O
+        if self._done and (upload is None or (upload.done() and not upload.cancelled())):
+            reusable = (
+                (upload is None or upload.exception() is None)
+                and conn.parser.done
+                and conn.parser.keep_alive
+                and not conn.parser.buffer
+            )
         else:
-            await _cancel(self._upload)
-        if reusable:
-            try:
-                conn.h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                reusable = False
+            await _cancel(upload)
         if reusable:
             conn.reused = False
             self._pool._put_idle(self._key, conn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
@@ -47,16 +48,27 @@ class ProxySettings:
     backhaul_ping_interval: float = 5.0
     backhaul_ping_timeout: float = 3.0
     backhaul_streams_per_app: int = 256
-    machine_pool_idle: int = 16  # idle keep-alive connections per machine
+    # Idle keep-alive connections per machine: at least the expected concurrency,
+    # or every burst closes and reopens connections (TIME_WAIT churn).
+    machine_pool_idle: int = 256
     machine_pool_idle_timeout: float = 4.0
     listen_backlog: int = 1024
+    # Processes serving the same listeners (SO_REUSEPORT, the kernel spreads
+    # connections). Each process admits 1/processes of every app's soft and hard
+    # limit (at least 1), so the apps' budgets hold across processes without a
+    # shared counter; see docs/DESIGN.md "HTTP slow path".
+    processes: int = 1
 
 
-def _listen_socket(address: str, port: int, backlog: int) -> socket.socket:
+def _listen_socket(
+    address: str, port: int, backlog: int, reuse_port: bool = False
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # App addresses are routed to the edge, not necessarily configured on it.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
@@ -149,6 +161,9 @@ class HttpProxy:
         self._sync_task: asyncio.Task[None] | None = None
         self._running = False
         self.listen_errors: dict[tuple[str, int], str] = {}
+        if s.processes < 1:
+            raise ValueError("processes must be at least 1")
+        self._reuse_port = s.processes > 1
 
     @property
     def is_edge(self) -> bool:
@@ -161,6 +176,8 @@ class HttpProxy:
     # -- routing -------------------------------------------------------------
     def update(self, tables: Sequence[ServiceTable], hostnames: Mapping[str, str]) -> None:
         """Swap routing atomically; listeners follow asynchronously when running."""
+        if self.settings.processes > 1:
+            tables = [process_share(t, self.settings.processes) for t in tables]
         self._routes = build_routes(tables, hostnames)
         if self._running:
             self._forwarder.retry_waiters()
@@ -183,7 +200,9 @@ class HttpProxy:
                 server.close()
             for key in sorted(wanted - set(self._edge_servers)):
                 try:
-                    sock = _listen_socket(key[0], key[1], self.settings.listen_backlog)
+                    sock = _listen_socket(
+                        key[0], key[1], self.settings.listen_backlog, self._reuse_port
+                    )
                     self._edge_servers[key] = await asyncio.start_server(
                         self._accept_client, sock=sock, limit=64 * 1024
                     )
@@ -197,7 +216,9 @@ class HttpProxy:
         self._running = True
         if self.is_worker:
             for address in sorted(self.host_addresses):
-                sock = _listen_socket(address, self.backhaul_port, self.settings.listen_backlog)
+                sock = _listen_socket(
+                    address, self.backhaul_port, self.settings.listen_backlog, self._reuse_port
+                )
                 self._backhaul_servers.append(
                     await asyncio.start_server(self._accept_backhaul, sock=sock, limit=64 * 1024)
                 )
@@ -311,6 +332,7 @@ class HttpProxy:
             on_stream=on_stream,
             max_concurrent_streams=4096,
             enable_connect_protocol=True,
+            validate_inbound=False,  # checked per stream in serve_backhaul_stream
         )
         session.start()
         try:
@@ -333,6 +355,17 @@ class HttpProxy:
             response_seconds_sum={app: hist.total for app, hist in c.latency.items()},
             backhaul=self._backhaul.health(),
         )
+
+
+def process_share(table: ServiceTable, processes: int) -> ServiceTable:
+    """This process's part of an app's concurrency budget when ``processes`` share
+    the listeners: limit // processes, at least 1 (so the sum never exceeds the
+    limit unless the limit is below the process count)."""
+    return dataclasses.replace(
+        table,
+        soft_limit=max(1, table.soft_limit // processes),
+        hard_limit=max(1, table.hard_limit // processes),
+    )
 
 
 def _set_nodelay(writer: asyncio.StreamWriter) -> None:

@@ -49,6 +49,8 @@ def candidate_tables(
     table: ServiceTable, hints: RoutingHints, exclude: frozenset[str] = frozenset()
 ) -> list[ServiceTable]:
     """Tables to offer the balancing rule, in order; machines in ``exclude`` never."""
+    if hints.force is None and hints.prefer is None and not exclude:
+        return [table]  # the common case: no copy per request
 
     def usable(restriction: Restriction | None) -> Callable[[Backend], bool]:
         def keep(backend: Backend) -> bool:
@@ -81,8 +83,14 @@ def _value(
     return text
 
 
+NO_HINTS = RoutingHints()
+_HINT_NAMES = frozenset({h.FORCE_REGION, h.FORCE_MACHINE, h.PREFER_REGION, h.PREFER_MACHINE})
+
+
 def parse_routing_hints(headers: Sequence[tuple[bytes, bytes]]) -> RoutingHints:
     """Read Edgeproxy-{Prefer,Force}-{Region,Machine}; malformed or conflicting → 400."""
+    if not any(name in _HINT_NAMES for name, _ in headers):
+        return NO_HINTS
     force_region = _value(headers, h.FORCE_REGION, _REGION)
     force_machine = _value(headers, h.FORCE_MACHINE, _MACHINE)
     prefer_region = _value(headers, h.PREFER_REGION, _REGION)

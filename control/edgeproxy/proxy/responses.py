@@ -1,0 +1,270 @@
+"""Sans-IO HTTP/1.1 response framing for bytes that come from machines.
+
+The machine side is not where smuggling comes from, but framing must be right:
+a response is framed exactly as RFC 9112 6.3 says (HEAD, 1xx, 204 and 304 carry
+no body; chunked; Content-Length; else until the machine closes), and anything
+malformed is an error, which the caller turns into a reset (502). Written for the
+hot path: one ``find`` per head, no per-byte Python loops, no copies beyond one
+``bytes()`` per body chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_HEAD = 64 * 1024
+MAX_CHUNK_LINE = 1024
+MAX_TRAILERS = 64 * 1024
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+# name ":" OWS value CRLF, value without CR/LF (trailing OWS stripped after).
+_FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)\r\n")
+_FIELD_SECTION = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*")
+_FRAMING = frozenset({b"connection", b"transfer-encoding", b"content-length"})
+
+
+class ResponseError(Exception):
+    """The machine's bytes are not a valid HTTP/1.1 response."""
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]  # names lower-cased, order kept
+    http_version: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    data: bytes
+
+
+class _End:
+    pass
+
+
+class _Need:
+    pass
+
+
+END = _End()
+NEED_DATA = _Need()
+
+# states
+_HEAD, _LENGTH, _CHUNK_SIZE_S, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
+_END_PENDING = 8  # a response without a body: END comes next
+
+
+def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [
+        t.strip(b" \t").lower() for k, v in headers if k == name for t in v.split(b",") if t.strip()
+    ]
+
+
+class ResponseParser:
+    """Feed bytes, take events: ResponseHead (1xx first, if any), Data*, END.
+
+    ``start(method)`` before each request's response (the method decides whether a
+    body follows). ``keep_alive`` tells whether the connection may carry another.
+    """
+
+    __slots__ = ("_method", "_remaining", "_state", "buffer", "eof", "keep_alive")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self._state = _DONE
+        self._remaining = 0
+        self._method = b"GET"
+        self.keep_alive = True
+        self.eof = False
+
+    def start(self, method: bytes) -> None:
+        self._state = _HEAD
+        self._method = method
+        self.keep_alive = True
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.buffer += data
+        else:
+            self.eof = True
+
+    def next_event(self) -> ResponseHead | Data | _End | _Need:
+        state = self._state
+        if state == _HEAD:
+            return self._read_head()
+        if state == _LENGTH:
+            return self._read_length()
+        if state == _UNTIL_CLOSE:
+            if self.buffer:
+                chunk = bytes(self.buffer)
+                self.buffer.clear()
+                return Data(chunk)
+            if self.eof:
+                self._state = _DONE
+                return END
+            return NEED_DATA
+        if state == _END_PENDING:
+            self._state = _DONE
+            return END
+        if state in (_CHUNK_SIZE_S, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS):
+            event = self._read_chunked()
+            if event is NEED_DATA and self.eof:
+                raise ResponseError("machine closed inside a chunked body")
+            return event
+        return NEED_DATA
+
+    # -- head ------------------------------------------------------------------
+    def _read_head(self) -> ResponseHead | _Need:
+        buf = self.buffer
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                raise ResponseError("response head too large")
+            if self.eof:
+                raise ResponseError("machine closed before the response head")
+            return NEED_DATA
+        if end + 4 > MAX_HEAD:
+            raise ResponseError("response head too large")
+        block = bytes(buf[:end])
+        del buf[: end + 4]
+        line_end = block.find(b"\r\n")
+        status_line = block if line_end < 0 else block[:line_end]
+        match = _STATUS_LINE.fullmatch(status_line)
+        if match is None:
+            raise ResponseError(f"bad status line {status_line[:80]!r}")
+        if b"\0" in block:
+            raise ResponseError("NUL in response head")
+        if line_end < 0:
+            fields = []
+        else:
+            # One C-level pass over every field line; anything it does not cover
+            # exactly (bare CR/LF, obs-fold, a bad name) is an error.
+            rest = block[line_end + 2 :] + b"\r\n"
+            fields = _FIELD_LINE.findall(rest)
+            if _FIELD_SECTION.fullmatch(rest) is None:
+                raise ResponseError("malformed response header section")
+        headers = [(name.lower(), value.rstrip(b" \t")) for name, value in fields]
+        framing = [(n, v) for n, v in headers if n in _FRAMING]
+        status = int(match.group(2))
+        version = b"1." + match.group(1)
+        head = ResponseHead(status, match.group(3) or b"", headers, version)
+        connection = _tokens(framing, b"connection") if framing else []
+        if version == b"1.0":
+            self.keep_alive = b"keep-alive" in connection
+        else:
+            self.keep_alive = b"close" not in connection
+        if status < 200:
+            if status == 101:
+                self._state = _DONE  # the connection is a tunnel now
+                self.keep_alive = False
+            # other 1xx: the final response follows; stay in _HEAD
+            return head
+        if self._method == b"HEAD" or status in (204, 304):
+            self._state = _END_PENDING
+            return head
+        codings = _tokens(framing, b"transfer-encoding") if framing else []
+        lengths = [v for k, v in framing if k == b"content-length"]
+        if codings:
+            if codings != [b"chunked"]:
+                raise ResponseError("unsupported Transfer-Encoding from machine")
+            if lengths:
+                self.keep_alive = False  # RFC 9112 6.3: TE wins, then close
+            self._state = _CHUNK_SIZE_S
+        elif lengths:
+            values = {item.strip(b" \t") for v in lengths for item in v.split(b",")}
+            if len(values) != 1:
+                raise ResponseError("conflicting Content-Length from machine")
+            value = values.pop()
+            if not _DIGITS.fullmatch(value):
+                raise ResponseError("bad Content-Length from machine")
+            self._remaining = int(value)
+            self._state = _LENGTH
+        else:
+            self._state = _UNTIL_CLOSE
+            self.keep_alive = False
+        return head
+
+    # -- bodies ------------------------------------------------------------------
+    def _read_length(self) -> Data | _End | _Need:
+        remaining = self._remaining
+        if remaining == 0:
+            self._state = _DONE
+            return END
+        buf = self.buffer
+        if not buf:
+            if self.eof:
+                raise ResponseError("machine closed inside the body")
+            return NEED_DATA
+        if len(buf) <= remaining:
+            chunk = bytes(buf)
+            buf.clear()
+        else:
+            chunk = bytes(buf[:remaining])
+            del buf[:remaining]
+        self._remaining = remaining - len(chunk)
+        return Data(chunk)
+
+    def _read_chunked(self) -> Data | _End | _Need:
+        buf = self.buffer
+        while True:
+            state = self._state
+            if state == _CHUNK_SIZE_S:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > MAX_CHUNK_LINE:
+                        raise ResponseError("bad chunk size line from machine")
+                    return NEED_DATA
+                match = _CHUNK_SIZE.fullmatch(buf, 0, end)
+                if match is None:
+                    raise ResponseError("bad chunk size from machine")
+                size = int(match.group(1), 16)
+                del buf[: end + 2]
+                if size == 0:
+                    self._state = _TRAILERS
+                else:
+                    self._remaining = size
+                    self._state = _CHUNK_DATA
+            elif state == _CHUNK_DATA:
+                if not buf:
+                    return NEED_DATA
+                remaining = self._remaining
+                if len(buf) <= remaining:
+                    chunk = bytes(buf)
+                    buf.clear()
+                else:
+                    chunk = bytes(buf[:remaining])
+                    del buf[:remaining]
+                self._remaining = remaining - len(chunk)
+                if self._remaining == 0:
+                    self._state = _CHUNK_CRLF
+                return Data(chunk)
+            elif state == _CHUNK_CRLF:
+                if len(buf) < 2:
+                    return NEED_DATA
+                if buf[:2] != b"\r\n":
+                    raise ResponseError("chunk not followed by CRLF")
+                del buf[:2]
+                self._state = _CHUNK_SIZE_S
+            else:  # trailers: dropped (we re-frame the body)
+                if buf[:2] == b"\r\n":
+                    del buf[:2]
+                    self._state = _DONE
+                    return END
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_TRAILERS:
+                        raise ResponseError("trailers too large")
+                    return NEED_DATA
+                del buf[: end + 4]
+                self._state = _DONE
+                return END
