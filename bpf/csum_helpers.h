@@ -14,24 +14,12 @@ static __always_inline __u16 ep_csum_fold(__u64 sum)
     return (__u16)~sum;
 }
 
-/* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), for a 32-bit field */
-static __always_inline __u16 ep_csum_replace4(__u16 check, __u32 from, __u32 to)
+/* ~m + m' of RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), for a 32-bit field and
+ * left unfolded: one address change goes into both the IP and the TCP (pseudo
+ * header) checksum, so it is summed once; the caller adds ~HC and folds. */
+static __always_inline __u64 ep_csum_diff4(__u32 from, __u32 to)
 {
-    __u64 sum = (__u16)~check;
-    sum += (__u16)~(from & 0xffff);
-    sum += (__u16)~(from >> 16);
-    sum += to & 0xffff;
-    sum += to >> 16;
-    return ep_csum_fold(sum);
-}
-
-/* the same for a 16-bit field */
-static __always_inline __u16 ep_csum_replace2(__u16 check, __u16 from, __u16 to)
-{
-    __u64 sum = (__u16)~check;
-    sum += (__u16)~from;
-    sum += to;
-    return ep_csum_fold(sum);
+    return (__u16)~(from & 0xffff) + (__u16)~(from >> 16) + (to & 0xffff) + (to >> 16);
 }
 
 /* Sum of 'words' 16-bit words at p; 'words' is a compile-time constant at every

@@ -83,6 +83,26 @@ static __always_inline void count_packet(__u32 machine, __u32 payload, int out)
 
 /* ---------------------------------------------------- connection accounting */
 
+/* The datapath's clock: CLOCK_MONOTONIC at the last tick (same base as
+ * bpf_ktime_get_ns() and the control plane's time.monotonic_ns(), at most one
+ * tick behind). A few loads instead of a clocksource read: bpf_ktime_get_ns()
+ * cost about 25 ns per packet here (kvm guest, tsc). */
+static __always_inline __u64 ep_now(void)
+{
+    return bpf_ktime_get_coarse_ns();
+}
+
+/* Refresh a flow's last_seen, but write the shared conntrack line only when the
+ * stored value is LAST_SEEN_GRAIN_NS old: an established packet then reads the
+ * entry and writes nothing to it (no cache-line bouncing between CPUs serving
+ * the two directions). Idle times are therefore known to within the grain. */
+static __always_inline void touch_flow(struct ct_value *ct)
+{
+    __u64 now = ep_now();
+    if (now - ct->last_seen_ns >= LAST_SEEN_GRAIN_NS)
+        ct->last_seen_ns = now;
+}
+
 /* Take one live-connection slot on a machine unless it is at the limit. The
  * add-then-check keeps the count exact when two CPUs race for the last slot. */
 static __always_inline int reserve(__u32 machine, __u32 limit)
@@ -196,7 +216,7 @@ static __always_inline int flood_exceeded(struct dp_config *cfg)
     struct flood_state *st = flood.lookup(&zero);
     if (!st)
         return 0;
-    u64 now = bpf_ktime_get_ns();
+    u64 now = ep_now();
     if (now - st->window_start_ns >= EP_NSEC_PER_SEC) {
         st->window_start_ns = now;
         st->count = 0;
@@ -333,7 +353,7 @@ static __always_inline int edge_return(void *ctx, const int tc)
                         .sport = tcp->dest, .dport = tcp->source, .proto = IPPROTO_TCP};
     struct ct_value *ct = conntrack.lookup(&ck);
     if (ct) {
-        ct->last_seen_ns = bpf_ktime_get_ns();
+        touch_flow(ct);
         count_packet(ct->machine, payload, 1);
         track_close(ct, tcp_flags(tcp), CT_FIN_OUT);
     } else {
@@ -348,6 +368,48 @@ static __always_inline int edge_return(void *ctx, const int tc)
 }
 
 /* ---------------------------------------------------- client -> VIP packets */
+
+/* A SYN without a live conntrack entry: flood guard, choose a machine, record
+ * the flow. Returns -1 with *machine set to forward to it, or a final verdict. */
+static __always_inline int new_flow(void *ctx, const int tc, struct dp_config *cfg,
+                                    struct service_value *svc, struct ct_key *ck, int reuse,
+                                    __u32 payload, __u32 *machine)
+{
+    __u32 svc_id = svc->id;
+    /* per-service counters only on these rarer outcomes: no lookup otherwise */
+    if (flood_exceeded(cfg)) {
+        anomaly_inc(ANOM_FLOOD);
+        struct service_stats *ss = service_stats.lookup(&svc_id);
+        if (ss)
+            ss->flood += 1;
+        return refuse(ctx, tc, cfg, ss, payload);
+    }
+    __u32 hash = flow_hash(ck->saddr, ck->daddr, ck->sport, ck->dport);
+    if (pick_machine(svc, hash, machine)) {
+        anomaly_inc(ANOM_NO_BACKEND);
+        struct service_stats *ss = service_stats.lookup(&svc_id);
+        if (ss)
+            ss->no_backend += 1;
+        return refuse(ctx, tc, cfg, ss, payload);
+    }
+    struct ct_value nv = {.flags = 0, .last_seen_ns = ep_now(),
+                          .machine = *machine, .service = svc_id};
+    if (reuse) {
+        conntrack.update(ck, &nv);
+    } else if (conntrack.insert(ck, &nv)) {
+        /* another CPU created this flow a moment ago: give the slot back, follow it */
+        release(*machine);
+        struct ct_value *ct = conntrack.lookup(ck);
+        if (!ct)
+            return drop();
+        *machine = ct->machine;
+        return -1;
+    }
+    struct machine_stats *ms = machine_stats.lookup(machine);
+    if (ms)
+        ms->opened += 1;
+    return -1;
+}
 
 static __always_inline int edge_forward(void *ctx, const int tc, struct dp_config *cfg)
 {
@@ -406,55 +468,22 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
     if (ct) {
         /* established (or a retransmitted SYN): stick to the flow's machine */
         machine = ct->machine;
-        ct->last_seen_ns = bpf_ktime_get_ns();
-        count_packet(machine, payload, 0);
+        touch_flow(ct);
         track_close(ct, flags, CT_FIN_IN);
-        return forward(ctx, tc, cfg, machine);
-    }
-
-    /* only the rarer paths below count per service: no lookup when established */
-    struct service_stats *ss = service_stats.lookup(&svc_id);
-    __u32 hash = flow_hash(ck.saddr, ck.daddr, ck.sport, ck.dport);
-    if (!new_syn) {
+    } else if (!new_syn) {
+        /* mid-flow packet without conntrack */
         anomaly_inc(ANOM_CT_MISS);
-        if (!(cfg->flags & CFG_RESTEER) || resteer_machine(svc, hash, &machine))
+        if (!(cfg->flags & CFG_RESTEER) ||
+            resteer_machine(svc, flow_hash(ck.saddr, ck.daddr, ck.sport, ck.dport), &machine))
             return drop();
+        struct service_stats *ss = service_stats.lookup(&svc_id);
         if (ss)
             ss->resteered += 1;
-        count_packet(machine, payload, 0);
-        return forward(ctx, tc, cfg, machine);
+    } else {
+        int verdict = new_flow(ctx, tc, cfg, svc, &ck, reuse, payload, &machine);
+        if (verdict >= 0)
+            return verdict;
     }
-
-    /* a new flow */
-    if (flood_exceeded(cfg)) {
-        anomaly_inc(ANOM_FLOOD);
-        if (ss)
-            ss->flood += 1;
-        return refuse(ctx, tc, cfg, ss, payload);
-    }
-    if (pick_machine(svc, hash, &machine)) {
-        anomaly_inc(ANOM_NO_BACKEND);
-        if (ss)
-            ss->no_backend += 1;
-        return refuse(ctx, tc, cfg, ss, payload);
-    }
-    struct ct_value nv = {.flags = 0, .last_seen_ns = bpf_ktime_get_ns(),
-                          .machine = machine, .service = svc_id};
-    if (reuse) {
-        conntrack.update(&ck, &nv);
-    } else if (conntrack.insert(&ck, &nv)) {
-        /* another CPU created this flow a moment ago: give the slot back, follow it */
-        release(machine);
-        ct = conntrack.lookup(&ck);
-        if (!ct)
-            return drop();
-        machine = ct->machine;
-        count_packet(machine, payload, 0);
-        return forward(ctx, tc, cfg, machine);
-    }
-    struct machine_stats *ms = machine_stats.lookup(&machine);
-    if (ms)
-        ms->opened += 1;
     count_packet(machine, payload, 0);
     return forward(ctx, tc, cfg, machine);
 }

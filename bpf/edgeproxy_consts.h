@@ -32,6 +32,9 @@
 #define MAX_SCAN 64
 
 #define EP_NSEC_PER_SEC 1000000000ULL
+/* conntrack last_seen_ns is rewritten only when at least this old (edge.bpf.c,
+ * touch_flow): idle times and the sweep are exact to within this much */
+#define LAST_SEEN_GRAIN_NS (EP_NSEC_PER_SEC / 4)
 #define DEFAULT_TTL 64
 
 /* Experimental IPv4 option (RFC 4727: copied flag + number 30) that carries the

@@ -106,9 +106,10 @@ static __always_inline void ep_nat(void *ctx, const int tc, int addr_off, __u32 
     struct tcphdr *tcp = (void *)(ip + 1);
     if ((void *)(tcp + 1) > data_end)
         return;
-    ip->check = ep_csum_replace4(ip->check, old_addr, new_addr);
-    tcp->check = ep_csum_replace4(tcp->check, old_addr, new_addr);   /* pseudo header */
-    tcp->check = ep_csum_replace2(tcp->check, old_port, new_port);
+    /* the address delta once, for the IP header and the TCP pseudo header */
+    __u64 d = ep_csum_diff4(old_addr, new_addr);
+    ip->check = ep_csum_fold((__u16)~ip->check + d);
+    tcp->check = ep_csum_fold((__u16)~tcp->check + d + (__u16)~old_port + new_port);
     if (addr_off == sizeof(struct ethhdr) + offsetof(struct iphdr, daddr))
         ip->daddr = new_addr;
     else

@@ -38,16 +38,23 @@ static __always_inline int ep_encap_to_worker(void *ctx, const int tc, __u32 sad
     struct iphdr *outer = data + sizeof(struct ethhdr);
     if (data + sizeof(struct ethhdr) + OUTER_LEN_EDGE > data_end)
         return -1;
-    /* seven 32-bit words: 4 + 1 (option) stores of constants/values, then the sum */
+    /* seven 32-bit words written from registers; the header checksum is summed
+     * from the same values (a one's-complement sum of 32-bit words folds to the
+     * sum of their 16-bit halves), not read back from the packet */
+    __u32 w0 = bpf_htonl((0x47 << 24) | (tos << 16)) | ((__u32)outer_len << 16);
+    __u32 w1 = (__u32)df << 16;                      /* id 0, frag_off = DF */
+    __u32 w2 = bpf_htonl((DEFAULT_TTL << 24) | (IPPROTO_IPIP << 16));   /* check 0 */
+    __u32 w5 = bpf_htonl((EP_IPOPT_TYPE << 24) | (EP_IPOPT_LEN << 16)) | ((__u32)vport << 16);
+    __u64 sum = (__u64)w0 + w1 + w2 + saddr + daddr + w5 + vip;
+    w2 |= (__u32)ep_csum_fold(sum) << 16;
     __u32 *w = (void *)outer;
-    w[0] = bpf_htonl((0x47 << 24) | (tos << 16)) | ((__u32)outer_len << 16);
-    w[1] = (__u32)df << 16;                      /* id 0, frag_off = DF */
-    w[2] = bpf_htonl((DEFAULT_TTL << 24) | (IPPROTO_IPIP << 16));   /* check 0 */
+    w[0] = w0;
+    w[1] = w1;
+    w[2] = w2;
     w[3] = saddr;
     w[4] = daddr;
-    w[5] = bpf_htonl((EP_IPOPT_TYPE << 24) | (EP_IPOPT_LEN << 16)) | ((__u32)vport << 16);
+    w[5] = w5;
     w[6] = vip;
-    outer->check = ep_csum_fold(ep_csum_add_words(0, (__u16 *)outer, OUTER_LEN_EDGE / 2));
     return 0;
 }
 
