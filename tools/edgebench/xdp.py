@@ -55,17 +55,6 @@ TARGETS = {  # case -> bound on the ratio to the no-op (issue 3)
 }
 
 
-class _Attr(ct.Structure):  # union bpf_attr, the .test member (kernel ABI)
-    _fields_ = [("prog_fd", ct.c_uint32), ("retval", ct.c_uint32),
-                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
-                ("data_in", ct.c_uint64), ("data_out", ct.c_uint64),
-                ("repeat", ct.c_uint32), ("duration", ct.c_uint32),
-                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
-                ("ctx_in", ct.c_uint64), ("ctx_out", ct.c_uint64),
-                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32),
-                ("pad", ct.c_uint32)]
-
-
 _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long
 
@@ -78,7 +67,9 @@ class TestRunner:
     def __init__(self) -> None:
         self.inp = ct.create_string_buffer(self.OUT_SIZE)
         self.out = ct.create_string_buffer(self.OUT_SIZE)
-        self.attr = _Attr()
+        from edgeproxy.bpfmaps import TestRunAttr
+
+        self.attr = TestRunAttr()
         self._size = ct.sizeof(self.attr)
         self._ref = ct.byref(self.attr)
 
