@@ -365,8 +365,17 @@ def test_load_status_dump_unload_on_a_throwaway_instance() -> None:
         assert done.returncode == 0, done.stderr
         status = json.loads(_nsenter(ns, *ctl, "status", "-o", "json").stdout)
         assert status["role"] == "edge" and status["host_address"] == "10.99.0.1"
-        xdp = {p["name"]: p for p in status["programs"]}["edge_xdp"]
+        programs = {p["name"]: p for p in status["programs"]}
+        assert programs["edge_tc"]["attached"] == [
+            {"device": "ctla", "hook": "tc", "mode": "clsact/ingress"}]  # the default hook
+        assert programs["edge_xdp"]["attached"] == []
+        done = _nsenter(ns, *ctl, "load", "--iface", "ctla", "--attach", "xdp", check=False)
+        assert done.returncode == 0, done.stderr  # switching hooks on a loaded instance
+        status = json.loads(_nsenter(ns, *ctl, "status", "-o", "json").stdout)
+        programs = {p["name"]: p for p in status["programs"]}
+        xdp = programs["edge_xdp"]
         assert xdp["attached"] == [{"device": "ctla", "hook": "xdp", "mode": "driver"}]
+        assert programs["edge_tc"]["attached"] == []
         assert len(xdp["tag"]) == 16
         maps = {m["name"]: m for m in status["maps"]}
         assert maps["conntrack"]["type"] == "lru_hash" and maps["conntrack"]["entries"] == 0

@@ -100,7 +100,7 @@ class FakeDataplane:
     reads: int = 0
     fail_with: list[Exception] = field(default_factory=list)
 
-    def read_counters(self) -> Counters:
+    def read_counters(self, *, skip_idle: bool = False) -> Counters:
         self.reads += 1
         if self.fail_with:
             raise self.fail_with.pop(0)

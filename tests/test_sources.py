@@ -348,3 +348,74 @@ def test_sqlite_bulk_or_structural_changes_read_everything(database: Path) -> No
         assert state.changed_apps is None
     finally:
         source.close()
+
+
+def test_sqlite_whole_read_streams_rows_and_equals_the_list_read(database: Path) -> None:
+    """The full read hands parse_state one RowStream per table (never every row at
+    once) and gives the same state, with bad rows still named by key."""
+    from edgeproxy.sources import read_state_data, stream_state_data
+    from edgeproxy.state import RowStream, parse_state
+
+    conn = sqlite3.connect(database)
+    try:
+        problems: list[object] = []
+        data, keys = stream_state_data(conn, problems)  # type: ignore[arg-type]
+        assert all(isinstance(data[t], RowStream) for t in ("hosts", "machines"))
+        assert keys["machines"] == []  # nothing read until validation gets there
+        streamed = parse_state(data, "db")
+        assert not problems and sorted(keys["machines"]) == sorted(STATE.machines)
+        listed, _ = read_state_data(conn, "db")
+        assert streamed == parse_state(listed, "db") == STATE
+    finally:
+        conn.close()
+
+
+def test_sqlite_source_refuses_bad_json_on_a_whole_read(database: Path) -> None:
+    conn = sqlite3.connect(database)
+    conn.execute("UPDATE services SET concurrency = '{' WHERE id = 'echo-tcp'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError) as err:
+        SqliteSource(database)
+    assert [p.path for p in err.value.problems] == ["services[id=echo-tcp].concurrency"]
+    assert "not valid JSON" in str(err.value)
+
+
+def test_reference_ids_are_shared_strings(database: Path) -> None:
+    """Every row brings its own string; references are interned so 600k machines
+    share one per app and host."""
+    source = SqliteSource(database)
+    try:
+        state = source.current()
+        by_app: dict[str, list[int]] = {}
+        for m in state.machines.values():
+            by_app.setdefault(m.app, []).append(id(m.app))
+            assert m.host is state.hosts[m.host].id or m.host == state.hosts[m.host].id
+        assert all(len(set(ids)) == 1 for ids in by_app.values())
+        hosts = [id(m.host) for m in state.machines.values() if m.host == "worker-ord"]
+        assert len(set(hosts)) == 1
+        assert len({id(s.concurrency) for s in state.services.values()
+                    if s.concurrency == next(iter(state.services.values())).concurrency}) == 1
+    finally:
+        source.close()
+
+
+def test_etcd_source_reads_the_prefix_in_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big prefix is read in pages at one revision; the state is the same."""
+    from edgeproxy import sources
+    from etcd_cluster import EtcdCluster, etcd_missing_reason
+
+    reason = etcd_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setattr(sources, "ETCD_PAGE", 3)  # the lab state is ~30 keys: many pages
+    with EtcdCluster(tmp_path, members=1) as cluster:
+        write_state(cluster.endpoints, STATE)
+        source = sources.EtcdSource(cluster.endpoints)
+        try:
+            assert source.current() == STATE
+            assert len(source._values) == len(sources.etcd_layout(STATE))
+        finally:
+            source.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -445,3 +446,37 @@ def test_state_is_frozen() -> None:
     state: ClusterState = load_state(LAB_STATE)
     with pytest.raises(AttributeError):
         state.version = 2  # type: ignore[misc]
+
+
+def test_layered_mappings_behave_like_dicts() -> None:
+    """Incremental layers each change over the last mapping (no 600k-entry copies);
+    every intermediate mapping must stay what it was, and equal a plain dict."""
+    import random
+
+    from edgeproxy import state as st
+
+    rng = random.Random(7)
+    plain: dict[str, int] = {f"k{i}": i for i in range(50)}
+    current: Mapping[str, int] = dict(plain)
+    history: list[tuple[Mapping[str, int], dict[str, int]]] = []
+    old_limit, st.LAYER_LIMIT = st.LAYER_LIMIT, 16  # flatten now and then too
+    try:
+        for _ in range(300):
+            changes: dict[str, int | None] = {}
+            for _ in range(rng.randrange(1, 4)):
+                key = f"k{rng.randrange(70)}"
+                changes[key] = None if rng.random() < 0.4 else rng.randrange(1000)
+            for key, value in changes.items():
+                if value is None:
+                    plain.pop(key, None)
+                else:
+                    plain[key] = value
+            current = st._updated(current, changes)
+            history.append((current, dict(plain)))
+            assert dict(current.items()) == plain and len(current) == len(plain)
+            assert current == plain and set(current) == set(plain)
+            assert all((k in current) == (k in plain) for k in (f"k{i}" for i in range(70)))
+            assert all(current.get(k) == plain.get(k) for k in (f"k{i}" for i in range(70)))
+    finally:
+        st.LAYER_LIMIT = old_limit
+    assert all(dict(m.items()) == snapshot for m, snapshot in history)

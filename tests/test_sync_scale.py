@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes as ct
 from collections.abc import Iterator
 
 import pytest
@@ -134,3 +135,78 @@ def test_vip_moving_between_services_keeps_its_entries(dp: Dataplane) -> None:
     assert len(keys) == 2  # (vip, 7) and the (vip, 0) marker
     port = next(v for v in keys.values() if not v.flags & bm.SVC_F_VIP_MARKER)
     assert port.id == dp._services["b"].id
+
+
+def _per_entry_counters(dp: Dataplane) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """What read_counters said before batch reads: one lookup per id and map."""
+    machines = []
+    for mid, (app, name, packed) in sorted(dp._machines.items()):
+        s = dp._sum("machine_stats", mid)
+        active = dp.maps["machine_active"].lookup(bm.U32(mid))
+        machines.append((app, name, int.from_bytes(packed[8:10], "big"), s.opened,
+                         active.value if active else 0, s.closed, s.reset, s.expired,
+                         s.packets_in, s.bytes_in, s.packets_out, s.bytes_out))
+    services = []
+    for sid, svc_ in sorted(dp._services.items()):
+        s = dp._sum("service_stats", svc_.id)
+        label = dp.maps["service_labels"].lookup(bm.U32(svc_.id))
+        assert label is not None
+        services.append((label.app.decode(), sid, s.refused, s.dropped, s.no_backend, s.flood,
+                         s.resteered))
+    return machines, services
+
+
+def _as_tuples(rows: tuple[object, ...]) -> list[tuple[object, ...]]:
+    return [tuple(getattr(r, f) for f in r.__slots__) for r in rows]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_batch_counter_reads_equal_per_entry_reads(dp: Dataplane, batch: bool) -> None:
+    dp.sync([svc(1, 1, 2), svc(2, 3), svc(3, 4, 5, 6, extra_tier=(7,))])
+    ncpu = bm.possible_cpus()
+    # distinct values per CPU, so a wrong stride or a missed CPU shows
+    for mid in dp._machines:
+        per_cpu = b"".join(bytes(bm.MachineStats(*(mid * 100 + f * 10 + cpu + 1
+                                                   for f in range(8))))
+                           for cpu in range(ncpu))
+        kb = ct.create_string_buffer(bytes(bm.U32(mid)), 4)
+        vb = ct.create_string_buffer(per_cpu, len(per_cpu))
+        bm.bpf(bm.BPF_MAP_UPDATE_ELEM, bm._MapElemAttr(
+            map_fd=dp.maps["machine_stats"].fd, key=ct.addressof(kb), value=ct.addressof(vb)))
+        dp.maps["machine_active"].update(bm.U32(mid), bm.U64(mid % 3))
+    sid = dp._services["s3"].id
+    dp.maps["service_stats"].update(bm.U32(sid), bm.ServiceStats(1, 2, 3, 4, 5))
+    for name in ("machine_stats", "machine_active", "service_stats"):
+        dp.maps[name].lookup_batch_ok = batch
+    try:
+        counters = dp.read_counters()
+        machines, services = _per_entry_counters(dp)
+        assert _as_tuples(counters.machines) == machines
+        assert _as_tuples(counters.services) == services
+        assert counters.in_use == (len(dp._machines), len(dp._services))
+        assert any(m[3] for m in machines) and services[2][2:] == (
+            ncpu, 2 * ncpu, 3 * ncpu, 4 * ncpu, 5 * ncpu)
+        idle = dp.read_counters(skip_idle=True)
+        assert [s.service for s in idle.services] == ["s3"]
+        assert len(idle.machines) == len(counters.machines)
+    finally:
+        for name in ("machine_stats", "machine_active", "service_stats"):
+            dp.maps[name].lookup_batch_ok = True
+
+
+def test_lookup_array_reads_dense_keys(dp: Dataplane) -> None:
+    m = dp.maps["machine_active"]
+    last = m.max_entries - 1
+    for i in (0, 5, last):
+        m.update(bm.U32(i), bm.U64(i + 1))
+    for chunk in (bm.BATCH_CHUNK, 3):  # one call, and many calls chained by their token
+        old, bm.BATCH_CHUNK = bm.BATCH_CHUNK, chunk
+        try:
+            raw = m.lookup_array(last + 1)
+        finally:
+            bm.BATCH_CHUNK = old
+        assert len(raw) == (last + 1) * 8
+        values = [int.from_bytes(raw[i * 8:(i + 1) * 8], "little") for i in range(last + 1)]
+        assert values[0] == 1 and values[5] == 6 and values[last] == last + 1
+        assert sum(values) == 1 + 6 + last + 1
+    assert len(m.lookup_array(m.max_entries + 10)) == m.max_entries * 8

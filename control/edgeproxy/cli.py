@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from . import bpfmaps as bm
 from . import introspect as ins
 from . import render
-from .dataplane import PIN_ROOT, Dataplane, DataplaneConfig
+from .dataplane import DEFAULT_ATTACH, PIN_ROOT, Dataplane, DataplaneConfig
 from .metrics import DEFAULT_LISTEN, http_responses_from_exposition
 
 EXIT_OK = 0
@@ -86,7 +86,8 @@ def cmd_load(args: argparse.Namespace, out: Out) -> int:
     if host is None:
         return _fail("load: --host-address is required for a new instance", EXIT_USAGE)
     dp = Dataplane(DataplaneConfig(instance=instance, role=role, host_address=host,
-                                   interfaces=tuple(args.iface), pin_root=root))
+                                   interfaces=tuple(args.iface), attach=args.attach,
+                                   pin_root=root))
     try:
         dp.load()
     except PermissionError as exc:
@@ -349,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the pinned instance's role, else edge")
     p.add_argument("--host-address", type=IPv4Address, metavar="A",
                    help="this host's address (outer IPIP source/destination)")
+    p.add_argument("--attach", choices=("tc", "xdp"), default=DEFAULT_ATTACH,
+                   help=f"ingress hook (default {DEFAULT_ATTACH}: keeps GSO, see DESIGN.md)")
     add(commands, "unload", cmd_unload, "detach the programs and remove the pins")
     add(commands, "status", cmd_status, "programs (ids, tags, attach points) and maps")
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import operator
 import os
 import shutil
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -98,6 +100,8 @@ class Counters:
     services: tuple[ServiceCounters, ...] = ()
     stats: dict[str, int] = field(default_factory=dict)  # edge_stats or worker_stats
     anomalies: dict[str, int] = field(default_factory=dict)
+    # (machine ids, service ids) in use; ``machines``/``services`` may leave idle ones out
+    in_use: tuple[int, int] | None = None
 
     def machine(self, name: str) -> MachineCounters | None:
         """The counters of one machine, summed over its internal ports."""
@@ -139,10 +143,11 @@ class _Service:
 
     id: int
     gen: int
-    keys: frozenset[bytes]  # packed ServiceKey of each (VIP, port)
+    keys: tuple[bytes, ...]  # packed ServiceKey of each (VIP, port), sorted
     value: bytes  # packed ServiceValue the keys hold
     backends: bytes  # packed BackendValue list of the live generation
     table: ServiceTable | None  # the table it was written from (None: adopted)
+    app: str = ""  # for counters: the label says it too, but reading it is a syscall
 
 
 _U32 = struct.Struct("<I")
@@ -174,8 +179,104 @@ def _machine_bytes(b: Backend) -> bytes:
     return b.address.packed + b.worker_address.packed + b.port.to_bytes(2, "big") + _IN_USE
 
 
+def _port_of(machine_value: bytes) -> int:
+    """The internal port of a packed MachineValue (network order at offset 8)."""
+    return int.from_bytes(machine_value[8:10], "big")
+
+
 def _label_bytes(app: str, name: str) -> bytes:
     return app.encode()[:63].ljust(64, b"\0") + name.encode()[:63].ljust(64, b"\0")
+
+
+_MV_SIZE = ct.sizeof(bm.MachineValue)
+
+
+class _MachineTable(MutableMapping[int, tuple[str, str, bytes]]):
+    """machine id -> (app, machine name, packed MachineValue), for ids in use.
+
+    Parallel lists indexed by id and one bytearray of 16-byte values: at 600,000
+    machines a dict of tuples (with an int key and a bytes object each) cost four
+    times the memory. The names are the state's own (interned) strings.
+    """
+
+    __slots__ = ("_app", "_count", "_name", "_value")
+
+    def __init__(self) -> None:
+        self._app: list[str | None] = []  # None: id not in use
+        self._name: list[str] = []
+        self._value = bytearray()
+        self._count = 0
+
+    def __getitem__(self, mid: int) -> tuple[str, str, bytes]:
+        if 0 <= mid < len(self._app):
+            app = self._app[mid]
+            if app is not None:
+                return app, self._name[mid], bytes(self._value[mid * _MV_SIZE:(mid + 1) * _MV_SIZE])
+        raise KeyError(mid)
+
+    def __setitem__(self, mid: int, entry: tuple[str, str, bytes]) -> None:
+        if mid >= len(self._app):
+            grow = mid + 1 - len(self._app)
+            self._app.extend([None] * grow)
+            self._name.extend([""] * grow)
+            self._value.extend(bytes(_MV_SIZE * grow))
+        if self._app[mid] is None:
+            self._count += 1
+        app, name, value = entry
+        self._app[mid], self._name[mid] = app, name
+        self._value[mid * _MV_SIZE:(mid + 1) * _MV_SIZE] = value
+
+    def __delitem__(self, mid: int) -> None:
+        if not 0 <= mid < len(self._app) or self._app[mid] is None:
+            raise KeyError(mid)
+        self._app[mid], self._name[mid] = None, ""
+        self._value[mid * _MV_SIZE:(mid + 1) * _MV_SIZE] = bytes(_MV_SIZE)
+        self._count -= 1
+
+    def __iter__(self) -> Iterator[int]:
+        return (mid for mid, app in enumerate(self._app) if app is not None)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def clear(self) -> None:
+        self._app, self._name, self._value, self._count = [], [], bytearray(), 0
+
+
+class _EndpointIds(MutableMapping[tuple[str, int], int]):
+    """(machine name, internal port) -> machine id, stored per port then name, so
+    600,000 machines do not each need a (name, port) tuple as a key."""
+
+    __slots__ = ("_by_port", "_count")
+
+    def __init__(self) -> None:
+        self._by_port: dict[int, dict[str, int]] = {}
+        self._count = 0
+
+    def __getitem__(self, key: tuple[str, int]) -> int:
+        return self._by_port[key[1]][key[0]]
+
+    def __setitem__(self, key: tuple[str, int], mid: int) -> None:
+        names = self._by_port.setdefault(key[1], {})
+        if key[0] not in names:
+            self._count += 1
+        names[key[0]] = mid
+
+    def __delitem__(self, key: tuple[str, int]) -> None:
+        names = self._by_port[key[1]]
+        del names[key[0]]
+        self._count -= 1
+        if not names:
+            del self._by_port[key[1]]
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return ((name, port) for port, names in self._by_port.items() for name in names)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def clear(self) -> None:
+        self._by_port, self._count = {}, 0
 
 
 class _Writes:
@@ -255,6 +356,16 @@ def _unlabel(label: bm.Label) -> tuple[str, str]:
     return label.app.decode(errors="replace"), label.name.decode(errors="replace")
 
 
+# What load_in_child runs: the config arrives pickled on stdin.
+_LOAD_IN_CHILD = (
+    "import pickle, sys\n"
+    "from edgeproxy.dataplane import Dataplane\n"
+    "dataplane = Dataplane(pickle.load(sys.stdin.buffer))\n"
+    "dataplane.load()\n"
+    "dataplane.close()\n"
+)
+
+
 class Dataplane:
     """One instance of the fast path (edge or worker role) on this host."""
 
@@ -264,10 +375,11 @@ class Dataplane:
         self.progs: dict[str, int] = {}  # program name -> fd
         self._bpf: Any = None
         self._services: dict[str, _Service] = {}
-        self._machine_ids: dict[tuple[str, int], int] = {}  # (machine name, port) -> id
-        self._machines: dict[int, tuple[str, str, bm.MachineValue]] = {}  # id -> app, name, v
+        self._machine_ids = _EndpointIds()  # (machine name, port) -> id
+        # id -> (app, machine name, packed MachineValue), in lists indexed by id
+        self._machines = _MachineTable()
         self._markers: dict[bytes, int] = {}  # VIP (packed) -> service entries on it
-        self._mrefs: dict[int, int] = {}  # machine id -> backend entries naming it
+        self._mrefs = array("i")  # machine id -> backend entries naming it
         self._unreferenced: set[int] = set()  # machine ids nothing names (maybe draining)
         self._free_sids: list[int] = []  # freed service ids, reused first
         self._next_sid = 0  # ids >= this were never handed out
@@ -332,6 +444,25 @@ class Dataplane:
                 else:
                     BPF.attach_xdp(ifname, fns[ingress[0]], c.xdp_flags)
                     self._detach_tc(ifname, TC_INGRESS)
+
+    def load_in_child(self, timeout_s: float = 120.0) -> None:
+        """``load()`` in a short-lived child process, then ``adopt()`` what it pinned.
+
+        Compiling with bcc brings LLVM into the process (about 180 MiB that never
+        goes away); the programs, pins and attachments belong to the kernel and
+        outlive the child, so a long-running daemon keeps only the map fds.
+        """
+        import pickle
+        import subprocess
+        import sys
+
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_IN_CHILD], input=pickle.dumps(self.config),
+            capture_output=True, timeout=timeout_s, check=False)
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError("loading the programs failed: " + " | ".join(tail))
+        self.adopt()
 
     def _attach_tc(self, ifname: str, fd: int, name: str, parent: str) -> None:
         from pyroute2 import IPRoute
@@ -406,7 +537,7 @@ class Dataplane:
         self._machine_ids.clear()
         self._machines.clear()
         self._markers.clear()
-        self._mrefs.clear()
+        del self._mrefs[:]
         self._unreferenced.clear()
         services, labels = self.maps["services"], self.maps["service_labels"]
         by_id: dict[int, _Service] = {}
@@ -420,27 +551,31 @@ class Dataplane:
                     b = self.maps["backends"].lookup(bm.BackendKey(value.id, value.gen, i))
                     if b is not None:
                         packed += bytes(b)
-                svc = by_id[value.id] = _Service(int(value.id), int(value.gen), frozenset(),
+                svc = by_id[value.id] = _Service(int(value.id), int(value.gen), (),
                                                  bytes(value), bytes(packed), None)
-            svc.keys = svc.keys | {bytes(key)}
+            svc.keys = tuple(sorted((*svc.keys, bytes(key))))
         for sid, svc in by_id.items():
             label = labels.lookup(bm.U32(sid))
             if label is not None:
-                self._services[_unlabel(label)[1]] = svc
+                svc.app, name = _unlabel(label)
+                self._services[name] = svc
             for key in svc.keys:
                 self._markers[key[:4]] = self._markers.get(key[:4], 0) + 1
         machines, mlabels = self.maps["machines"], self.maps["machine_labels"]
-        for mid in range(self.config.max_machines):
-            mv = machines.lookup(bm.U32(mid))
-            if mv is None or not mv.flags & bm.MACHINE_F_IN_USE:
+        size = ct.sizeof(bm.MachineValue)
+        raw = machines.lookup_array(self.config.max_machines)  # one batch, not 1M lookups
+        for mid in range(len(raw) // size):
+            value = bytes(raw[mid * size:(mid + 1) * size])
+            if not bm.MachineValue.from_buffer_copy(value).flags & bm.MACHINE_F_IN_USE:
                 continue
             label = mlabels.lookup(bm.U32(mid))
             app, name = _unlabel(label) if label is not None else ("", f"#{mid}")
-            self._machines[mid] = (app, name, mv)
-            self._machine_ids[(name, bm.from_be16(mv.port))] = mid
+            self._machines[mid] = (app, name, value)
+            self._machine_ids[(name, _port_of(value))] = mid
         for svc in self._services.values():
             self._ref(svc.backends, 1)
-        self._unreferenced = {mid for mid in self._machines if mid not in self._mrefs}
+        refs = self._mrefs
+        self._unreferenced = {mid for mid in self._machines if mid >= len(refs) or not refs[mid]}
         sids = {svc.id for svc in by_id.values()}
         self._next_sid = max(sids, default=-1) + 1
         self._free_sids = [i for i in reversed(range(self._next_sid)) if i not in sids]
@@ -490,26 +625,27 @@ class Dataplane:
             ops.put("machine_active", _u32(mid), _ZERO_U64)
             ops.put("machine_labels", _u32(mid), _label_bytes(b.app, b.machine_id))
             self._machine_ids[key] = mid
-            self._machines[mid] = (b.app, b.machine_id, bm.MachineValue.from_buffer_copy(packed))
+            self._machines[mid] = (b.app, b.machine_id, packed)
             ops.put("machines", _u32(mid), packed)
             result[0] += 1
             return mid
         old = self._machines.get(mid)
-        if old is None or bytes(old[2]) != packed:
+        if old is None or old[2] != packed:
             ops.put("machines", _u32(mid), packed)
-            self._machines[mid] = (b.app, b.machine_id, bm.MachineValue.from_buffer_copy(packed))
+            self._machines[mid] = (b.app, b.machine_id, packed)
         return mid
 
     def _ref(self, backends: bytes, delta: int) -> None:
         """Count references to machine ids; one that drops to 0 may be freed at the end."""
         refs = self._mrefs
         for (mid,) in _MID.iter_unpack(backends):
-            n = refs.get(mid, 0) + delta
+            if mid >= len(refs):
+                refs.extend([0] * (mid + 1 - len(refs)))
+            n = refs[mid] + delta
+            refs[mid] = n
             if n:
-                refs[mid] = n
                 self._unreferenced.discard(mid)
             else:
-                refs.pop(mid, None)
                 self._unreferenced.add(mid)
 
     def _marker(self, addr: bytes, delta: int, touched: dict[bytes, bool]) -> None:
@@ -608,13 +744,13 @@ class Dataplane:
                     tier0_ids.append(mid)
         backends = bytes(packed)
         size = maglev.table_size(len(tier0_ids))
-        keys = frozenset(a.packed + _port_tcp(p) for a in t.addresses if a.version == 4
-                         for p in t.ports)
+        keys = tuple(sorted({a.packed + _port_tcp(p) for a in t.addresses if a.version == 4
+                             for p in t.ports}))
         if cur is None:
             svc_id = self._alloc_service_id()
             phase0.put("service_labels", _u32(svc_id), _label_bytes(t.app, t.service_id))
             phase0.put("service_stats", _u32(svc_id), _ZERO_SERVICE_STATS)
-            cur = _Service(svc_id, 1, frozenset(), _SVC.pack(svc_id, 1, 0, 0, 0, 0), b"", None)
+            cur = _Service(svc_id, 1, (), _SVC.pack(svc_id, 1, 0, 0, 0, 0), b"", None, t.app)
             self._services[t.service_id] = cur
         gen = cur.gen
         old_value = cur.value
@@ -630,12 +766,13 @@ class Dataplane:
         value = _SVC.pack(cur.id, gen, size, len(backends) // 8, t.hard_limit, 0)
         changed = 0
         if value != old_value or keys != cur.keys:
+            had = set(cur.keys)
             for key in keys:  # the flip: one atomic update per (VIP, port)
                 w.phase2.put("services", key, value)
                 w.flipped.add(key)
-                if key not in cur.keys:
+                if key not in had:
                     self._marker(key[:4], 1, w.markers)
-            for key in cur.keys - keys:
+            for key in had.difference(keys):
                 w.stale.add(key)
                 self._marker(key[:4], -1, w.markers)
             changed = 1
@@ -644,6 +781,7 @@ class Dataplane:
         self._ref(backends, 1)
         self._ref(cur.backends, -1)
         cur.gen, cur.keys, cur.value, cur.backends, cur.table = gen, keys, value, backends, t
+        cur.app = t.app
         return changed
 
     def _free_unreferenced(self) -> int:
@@ -658,7 +796,7 @@ class Dataplane:
             entry = self._machines.pop(mid, None)
             if entry is None:
                 continue
-            self._machine_ids.pop((entry[1], bm.from_be16(entry[2].port)), None)
+            self._machine_ids.pop((entry[1], _port_of(entry[2])), None)
             ops.put("machines", _u32(mid), _EMPTY_MACHINE)
             ops.put("machine_labels", _u32(mid), _EMPTY_LABEL)
             self._free_mids.append(mid)
@@ -682,29 +820,74 @@ class Dataplane:
             setattr(total, f, sum(getattr(r, f) for r in rows))
         return total
 
-    def read_counters(self) -> Counters:
-        """Every counter, summed over CPUs, with ids decoded into names."""
+    def _columns(self, name: str, count: int) -> dict[str, list[int]]:
+        """Every u64 field of keys ``0 .. count-1`` of an array map, summed over CPUs:
+        one list per field, indexed by key. One batch read per map; the per-CPU sums
+        are slices and ``map(add)`` over them (C loops), not a Python loop per value."""
+        m = self.maps[name]
+        raw = m.lookup_array(count)
+        n = len(raw) // m.value_stride if m.value_stride else 0
+        words = array("Q")
+        words.frombytes(bytes(raw))
+        del raw
+        width = m.value_stride // 8  # u64 words per key, all CPUs
+        per_cpu = width // (bm.possible_cpus() if m.percpu else 1)
+        names = [f for f, _ in m.value_type._fields_] if hasattr(m.value_type, "_fields_") \
+            else ["value"]
+        out: dict[str, list[int]] = {}
+        for f, fname in enumerate(names):
+            column: list[int] = words[f::width].tolist()
+            for cpu in range(1, width // per_cpu):
+                column = list(map(operator.add, column, words[cpu * per_cpu + f::width]))
+            out[fname] = column[:n]
+        return out
+
+    def read_counters(self, *, skip_idle: bool = False) -> Counters:
+        """Every counter, summed over CPUs, with ids decoded into names.
+
+        ``skip_idle``: leave out machines and services whose counters are all zero
+        (no traffic since their id was assigned), as the metrics collector does.
+        Reads are one batch syscall per map (``BpfMap.lookup_array``), so a scrape
+        at 600,000 machines costs a few syscalls, not a million.
+        """
         if self.config.role == "worker":
             stats = {n: self._sum("worker_stats", i) or 0 for i, n in enumerate(bm.WORKER_STATS)}
             return Counters(stats=stats)
         machines = []
-        for mid, (app, name, mv) in sorted(self._machines.items()):
-            s = self._sum("machine_stats", mid)
-            active = self.maps["machine_active"].lookup(bm.U32(mid))
+        ids = sorted(self._machines)
+        count = ids[-1] + 1 if ids else 0
+        ms = self._columns("machine_stats", count)
+        opened, closed, reset, expired = ms["opened"], ms["closed"], ms["reset"], ms["expired"]
+        packets_in, bytes_in = ms["packets_in"], ms["bytes_in"]
+        packets_out, bytes_out = ms["packets_out"], ms["bytes_out"]
+        active = self._columns("machine_active", count)["value"]
+        entries = self._machines
+        for mid in ids:
+            if skip_idle and not (opened[mid] or active[mid] or packets_in[mid]
+                                  or packets_out[mid] or closed[mid]):
+                continue
+            app, name, mv = entries[mid]
             machines.append(MachineCounters(
-                app, name, bm.from_be16(mv.port), s.opened, active.value if active else 0,
-                s.closed, s.reset, s.expired, s.packets_in, s.bytes_in, s.packets_out,
-                s.bytes_out))
+                app, name, _port_of(mv), opened[mid], active[mid], closed[mid], reset[mid],
+                expired[mid], packets_in[mid], bytes_in[mid], packets_out[mid],
+                bytes_out[mid]))
         services = []
-        for sid, svc in sorted(self._services.items()):
-            s = self._sum("service_stats", svc.id)
-            label = self.maps["service_labels"].lookup(bm.U32(svc.id))
-            app = _unlabel(label)[0] if label is not None else ""
-            services.append(ServiceCounters(app, sid, s.refused, s.dropped, s.no_backend,
-                                            s.flood, s.resteered))
+        by_name = sorted(self._services.items())
+        count = max((svc.id for _, svc in by_name), default=-1) + 1
+        ss = self._columns("service_stats", count)
+        refused, dropped, no_backend = ss["refused"], ss["dropped"], ss["no_backend"]
+        flood, resteered = ss["flood"], ss["resteered"]
+        for sid, svc in by_name:
+            i = svc.id
+            if skip_idle and not (refused[i] or dropped[i] or no_backend[i] or flood[i]
+                                  or resteered[i]):
+                continue
+            services.append(ServiceCounters(svc.app, sid, refused[i], dropped[i],
+                                            no_backend[i], flood[i], resteered[i]))
         stats = {n: self._sum("edge_stats", i) or 0 for i, n in enumerate(bm.EDGE_STATS)}
         anomalies = {n: self._sum("anomalies", i) or 0 for i, n in enumerate(bm.ANOMALIES)}
-        return Counters(tuple(machines), tuple(services), stats, anomalies)
+        return Counters(tuple(machines), tuple(services), stats, anomalies,
+                        (len(entries), len(by_name)))
 
     def flows(self) -> list[Flow]:
         """The conntrack table, decoded (edge role)."""

@@ -22,19 +22,26 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import operator
+import re
+import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from .proxy.stats import ProxySnapshot
 from .state import ClusterState
@@ -155,7 +162,7 @@ class CounterSource(Protocol):
     @property
     def config(self) -> DataplaneConfig: ...
 
-    def read_counters(self) -> Counters: ...
+    def read_counters(self, *, skip_idle: bool = False) -> Counters: ...
 
 
 class SnapshotSource(Protocol):
@@ -294,7 +301,7 @@ def read_counters_retrying(dataplane: CounterSource) -> Counters | None:
     """
     for _ in range(READ_ATTEMPTS):
         try:
-            return dataplane.read_counters()
+            return dataplane.read_counters(skip_idle=True)
         except RuntimeError:
             continue
         except OSError as exc:
@@ -304,6 +311,8 @@ def read_counters_retrying(dataplane: CounterSource) -> Counters | None:
 
 
 def _family(spec: MetricSpec) -> Metric:
+    if spec.name in _TEXT_FAMILIES:
+        return TextFamily(spec, _TEXT_FAMILIES[spec.name])
     if spec.kind == "counter":
         return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
     if spec.kind == "gauge":
@@ -317,46 +326,153 @@ def _add(f: Mapping[str, Metric], name: str, labels: tuple[str, ...], value: flo
     family.add_metric(list(labels), value)
 
 
+class TextFamily(Metric):
+    """A kernel family with a sample per machine (or service), rendered straight to text.
+
+    At 200k apps these run to hundreds of thousands of samples, and prometheus-client's
+    exposition spends several microseconds on each (a Sample, a label dict, escaping
+    every value every time). Here every family of one kind shares one list of rows
+    (label text escaped once per machine, the counters object), and ``render`` writes
+    a line per (row, part) with one f-string. ``samples`` still builds the usual
+    Sample list on demand, so ``generate_latest`` and tests read it like any family.
+    """
+
+    def __init__(self, spec: MetricSpec, parts: tuple[tuple[str, str, str], ...]) -> None:
+        super().__init__(spec.name, spec.help, spec.kind)
+        self.sample_name = spec.name  # counters keep their _total on the wire
+        self.label_names = spec.labels
+        self.parts = parts  # (extra label name, its value, counters field); "" if none
+        self.rows: list[tuple[str, tuple[str, ...], Any]] = []  # shared between families
+        self._plain: list[Any] = []
+
+    @property
+    def samples(self) -> list[Any]:
+        out = list(self._plain)
+        for label, extra, attr in self.parts:
+            for _, base, counters in self.rows:
+                values = (*base, extra) if label else base
+                out.append(Sample(self.sample_name,
+                                  dict(zip(self.label_names, values, strict=True)),
+                                  getattr(counters, attr)))
+        return out
+
+    @samples.setter
+    def samples(self, value: list[Any]) -> None:
+        self._plain = value
+
+    def render(self) -> str:
+        wire = self.sample_name
+        out = [f"# HELP {wire} {_escape_help(self.documentation)}\n# TYPE {wire} {self.type}\n"]
+        out += self.render_plain()
+        for label, extra, attr in self.parts:
+            head = self.sample_name + "{"
+            tail = (f',{label}="{extra}"' if label else "") + "} "
+            get = operator.attrgetter(attr)
+            out += [f"{head}{text}{tail}{get(c)}\n" for text, _, c in self.rows]
+        return "".join(out)
+
+    def render_plain(self) -> list[str]:
+        return [f"{s.name}{{{_label_text(tuple(s.labels), tuple(s.labels.values()))}}} "
+                f"{float(s.value)!r}\n" for s in self._plain]
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _label_text(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    return ",".join(f'{k}="{_escape_value(v)}"' if _SPECIAL.search(v) else f'{k}="{v}"'
+                    for k, v in zip(names, values, strict=True))
+
+
+_SPECIAL = re.compile(r'[\\\n"]')
+
+
+def render(registry: Collector) -> bytes:
+    """The text exposition of everything ``registry`` collects: ``TextFamily``
+    families written directly, the rest by prometheus-client."""
+    parts: list[bytes] = []
+    for metric in registry.collect():
+        if isinstance(metric, TextFamily):
+            parts.append(metric.render().encode())
+        else:
+            parts.append(generate_latest(_One(metric)))
+    return b"".join(parts)
+
+
+class _One:
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+
+    def collect(self) -> list[Metric]:
+        return [self.metric]
+
+
+#: per-machine and per-service kernel families: (extra label, its value, field) per part
+_TEXT_FAMILIES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "edgeproxy_app_tcp_connects_total": (("", "", "opened"),),
+    "edgeproxy_app_tcp_active": (("", "", "active"),),
+    "edgeproxy_app_tcp_disconnects_total": (("reason", "closed", "closed"),
+                                            ("reason", "reset", "reset"),
+                                            ("reason", "expired", "expired")),
+    "edgeproxy_app_bytes_total": (("direction", "in", "bytes_in"),
+                                  ("direction", "out", "bytes_out")),
+    "edgeproxy_app_packets_total": (("direction", "in", "packets_in"),
+                                    ("direction", "out", "packets_out")),
+    "edgeproxy_app_tcp_refused_total": (("", "", "refused"),),
+    "edgeproxy_app_tcp_dropped_total": (("", "", "dropped"),),
+    "edgeproxy_app_tcp_no_backend_total": (("", "", "no_backend"),),
+    "edgeproxy_app_tcp_flood_total": (("", "", "flood"),),
+    "edgeproxy_app_tcp_resteered_total": (("", "", "resteered"),),
+}
+
+
 def add_kernel(f: Mapping[str, Metric], counters: Counters, config: DataplaneConfig,
                labels: StateLabels) -> None:
     """Kernel counters into their families (one sample per machine, service, kind).
 
     Machines and services whose counters are all zero (no traffic since their id was
-    assigned) are left out: an edge carries many apps and most see no raw TCP, and
-    the text exposition costs a few microseconds per sample, so series grow with the
-    apps that have traffic rather than with the state.
+    assigned) are left out: an edge carries many apps and most see no raw TCP, so
+    series grow with the apps that have traffic rather than with the state. The
+    per-machine and per-service families are ``TextFamily`` s sharing one row list
+    per kind (each machine's labels escaped once for all its series).
     """
+    services_of, regions_of = labels.service_of_port, labels.region_of_machine
+    machine_rows: list[tuple[str, tuple[str, ...], Any]] = []
     for m in counters.machines:
         if not (m.opened or m.active or m.packets_in or m.packets_out):
             continue
-        service = labels.service_of_port.get((m.app, m.port), "")
-        base = (m.app, service, m.machine, labels.region_of_machine.get(m.machine, ""))
-        _add(f, "edgeproxy_app_tcp_connects_total", base, m.opened)
-        _add(f, "edgeproxy_app_tcp_active", base, m.active)
-        for reason, value in (("closed", m.closed), ("reset", m.reset),
-                              ("expired", m.expired)):
-            _add(f, "edgeproxy_app_tcp_disconnects_total", (*base, reason), value)
-        for direction, nbytes, packets in (("in", m.bytes_in, m.packets_in),
-                                           ("out", m.bytes_out, m.packets_out)):
-            _add(f, "edgeproxy_app_bytes_total", (*base, direction), nbytes)
-            _add(f, "edgeproxy_app_packets_total", (*base, direction), packets)
+        base = (m.app, services_of.get((m.app, m.port), ""), m.machine,
+                regions_of.get(m.machine, ""))
+        app, service, machine, region = base
+        text = (f'app="{app}",service="{service}",machine="{machine}",region="{region}"'
+                if not _SPECIAL.search(f"{app}{service}{machine}{region}")
+                else _label_text(MACHINE_LABELS, base))
+        machine_rows.append((text, base, m))
+    service_rows: list[tuple[str, tuple[str, ...], Any]] = []
     for s in counters.services:
         if not (s.refused or s.dropped or s.no_backend or s.flood or s.resteered):
             continue
         key = (s.app, s.service)
-        _add(f, "edgeproxy_app_tcp_refused_total", key, s.refused)
-        _add(f, "edgeproxy_app_tcp_dropped_total", key, s.dropped)
-        _add(f, "edgeproxy_app_tcp_no_backend_total", key, s.no_backend)
-        _add(f, "edgeproxy_app_tcp_flood_total", key, s.flood)
-        _add(f, "edgeproxy_app_tcp_resteered_total", key, s.resteered)
+        service_rows.append((_label_text(SERVICE_LABELS, key), key, s))
+    for name in _TEXT_FAMILIES:
+        family = f[name]
+        assert isinstance(family, TextFamily)
+        by_machine = BY_NAME[name].labels[:4] == MACHINE_LABELS
+        family.rows = machine_rows if by_machine else service_rows
     role = config.role
     for result, value in counters.stats.items():
         _add(f, "edgeproxy_bpf_packets_total", (role, result), value)
     for kind, value in counters.anomalies.items():
         _add(f, "edgeproxy_bpf_anomalies_total", (kind,), value)
     if role == "edge":
-        for name, used, limit in (("machines", len(counters.machines), config.max_machines),
-                                  ("services", len(counters.services), config.max_services)):
+        machines, services = counters.in_use or (len(counters.machines), len(counters.services))
+        for name, used, limit in (("machines", machines, config.max_machines),
+                                  ("services", services, config.max_services)):
             _add(f, "edgeproxy_bpf_map_entries", (name,), used)
             _add(f, "edgeproxy_bpf_map_max_entries", (name,), limit)
 
@@ -407,6 +523,33 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _Server4(ThreadingWSGIServer):
+    address_family = socket.AF_INET
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+def _serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """prometheus-client's ``start_http_server``, with ``render`` as the exposition
+    (no OpenMetrics negotiation or gzip: Prometheus takes plain text by default)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        body = render(registry)
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = _Server6 if ":" in host else _Server4
+    httpd: WSGIServer = make_server(host, port, app, server, handler_class=_SilentHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True, name="metrics").start()
+    return httpd
+
+
 class MetricsEndpoint:
     """The HTTP server Prometheus scrapes; ``close()`` stops it."""
 
@@ -419,7 +562,7 @@ class MetricsEndpoint:
         host, port = parse_listen(listen)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
-        server, _thread = start_http_server(port, addr=host, registry=registry)
+        server = _serve(host, port, registry)
         log.info("metrics on http://%s/metrics", listen)
         return cls(server, registry)
 

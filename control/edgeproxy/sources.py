@@ -17,13 +17,14 @@ Each source is meant for one watcher: ``watch()`` yields every new state once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -34,14 +35,18 @@ from edgeproxy.etcd import (
     EtcdError,
     Event,
     WatchStream,
+    b64,
+    header_revision,
     parse_events,
     prefix_end,
 )
+from edgeproxy.etcd import _key_value as etcd_key_value
 from edgeproxy.state import (
     ClusterState,
     Incremental,
     NeedsFullParse,
     Problem,
+    RowStream,
     StateError,
     parse_state,
     parse_yaml,
@@ -146,8 +151,10 @@ class FileSource(_PollingSource):
         super().__init__(str(path), poll_interval)
         self.path = Path(path)
         self._seen = self._fingerprint()
-        self._content = self.path.read_bytes()
-        self._good = parse_yaml(self._content, self.name)  # no last good: raise
+        content = self.path.read_bytes()
+        # a digest, not the bytes: a 200k-app file is 100 MB we need not keep
+        self._digest = hashlib.blake2b(content).digest()
+        self._good = parse_yaml(content, self.name)  # no last good: raise
 
     def _fingerprint(self) -> tuple[int, ...] | None:
         try:
@@ -171,9 +178,10 @@ class FileSource(_PollingSource):
             return None
         # The stat may move without the bytes moving (touch, or a stat taken mid-write
         # that we already read complete): same bytes, same state, nothing to apply.
-        if content == self._content:
+        digest = hashlib.blake2b(content).digest()
+        if digest == self._digest:
             return None
-        self._content = content
+        self._digest = digest
         return parse_yaml(content, self.name)
 
 
@@ -279,28 +287,51 @@ def read_state_data(
     Call inside a read transaction so the tables are one snapshot.
     """
     problems: list[Problem] = []
+    data, keys = stream_state_data(conn, problems)
+    for table in _TABLES:
+        rows = data[table]
+        assert isinstance(rows, RowStream)
+        data[table] = list(rows)
+    if problems:
+        raise StateError(source, problems)
+    return data, keys
+
+
+def stream_state_data(
+    conn: sqlite3.Connection, problems: list[Problem]
+) -> tuple[dict[str, object], dict[str, list[str]]]:
+    """``read_state_data`` without holding the rows: each table is a ``RowStream``
+    that runs its query when ``parse_state`` reaches it and builds one row at a time.
+
+    ``keys`` fills as the streams are read; JSON problems land in ``problems`` (check
+    them after parsing: a row with bad JSON also fails validation, and the JSON
+    problem is the one to report).
+    """
     data: dict[str, object] = {}
     for key, value in conn.execute("SELECT key, value FROM meta ORDER BY key"):
         data[key] = _json(value, str(key), problems)
     keys: dict[str, list[str]] = {}
-    for table, (key_column, columns, json_columns) in _TABLES.items():
-        rows: list[object] = []
+    for table in _TABLES:
         keys[table] = []
-        query = f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid"
-        for values in conn.execute(query):
-            row = dict(zip(columns, values, strict=True))
-            keys[table].append(str(row[key_column]))
-            for column in json_columns:
-                if row[column] is None:
-                    del row[column]  # NULL: the field is absent
-                else:
-                    where = f"{table}[{key_column}={row[key_column]}].{column}"
-                    row[column] = _json(row[column], where, problems)
-            rows.append(row)
-        data[table] = rows
-    if problems:
-        raise StateError(source, problems)
+        data[table] = RowStream(_table_rows(conn, table, keys[table], problems))
     return data, keys
+
+
+def _table_rows(
+    conn: sqlite3.Connection, table: str, keys: list[str], problems: list[Problem]
+) -> Iterator[dict[str, object]]:
+    key_column, columns, json_columns = _TABLES[table]
+    query = f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid"
+    for values in conn.execute(query):
+        row = dict(zip(columns, values, strict=True))
+        keys.append(str(row[key_column]))
+        for column in json_columns:
+            if row[column] is None:
+                del row[column]  # NULL: the field is absent
+            else:
+                where = f"{table}[{key_column}={row[key_column]}].{column}"
+                row[column] = _json(row[column], where, problems)
+        yield row
 
 
 def _read_rows(
@@ -476,11 +507,17 @@ class SqliteSource(_PollingSource):
     def _read_all(self) -> ClusterState:
         self.full_reads += 1
         seq = self._last_seq()
-        data, keys = read_state_data(self._conn, self.name)
+        # table by table, row by row: the plain rows are never all in memory
+        problems: list[Problem] = []
+        data, keys = stream_state_data(self._conn, problems)
         try:
             state = parse_state(data, self.name)
         except StateError as err:
+            if problems:  # bad JSON: that is the problem, not what validation made of it
+                raise StateError(self.name, problems) from err
             raise _name_rows(err, keys) from err
+        if problems:
+            raise StateError(self.name, problems)
         del data, keys
         self._log_seq = seq
         self._incremental = Incremental(state) if self._tracked else None
@@ -546,6 +583,7 @@ ETCD_READ_WAIT = 0.5  # seconds
 # after this long without a message the member is asked a linearizable question.
 ETCD_PROBE_AFTER = 3.0  # seconds
 ETCD_RETRY_BACKOFF = 0.25  # seconds between rounds when no member takes a watch
+ETCD_PAGE = 10_000  # keys per range request when reading the whole prefix
 
 # One key per entity: <prefix><kind>/<id>, the value the entity as JSON in the YAML
 # shape; <prefix>meta holds the top-level fields. Kind → the field the key names.
@@ -579,40 +617,65 @@ def etcd_state(docs: Mapping[str, object], prefix: str, source: str = "etcd") ->
 
     Problems name the etcd key and the field: ``/edgeproxy/machines/web-1.host``.
     """
+    return etcd_state_from_values(docs, prefix, source, parse=lambda doc: doc)
+
+
+def etcd_state_from_values(
+    values: Mapping[str, object],
+    prefix: str,
+    source: str = "etcd",
+    parse: Callable[[object], object] | None = None,
+) -> ClusterState:
+    """``etcd_state`` over raw values (bytes), each parsed as validation reaches it,
+    so the parsed documents of 800,000 keys are never all in memory at once."""
+    load = parse or (lambda value: _etcd_doc(value))  # type: ignore[arg-type]
     problems: list[Problem] = []
     data: dict[str, object] = {}
     keys: dict[str, list[str]] = {kind: [] for kind in ETCD_KINDS}
-    for kind in ETCD_KINDS:
-        data[kind] = []
-    for key in sorted(docs):
-        doc = docs[key]
+    by_kind: dict[str, list[str]] = {kind: [] for kind in ETCD_KINDS}
+    for key in sorted(values):
         where = f"{prefix}{key}"
-        if isinstance(doc, _BadJson):
-            problems.append(Problem(where, doc.reason))
-            continue
         kind, slash, name = key.partition("/")
         if key == ETCD_META_KEY:
-            _read_etcd_meta(doc, where, data, problems)
+            doc = load(values[key])
+            if isinstance(doc, _BadJson):
+                problems.append(Problem(where, doc.reason))
+            else:
+                _read_etcd_meta(doc, where, data, problems)
         elif kind in ETCD_KINDS and slash and name and "/" not in name:
-            id_field = ETCD_KINDS[kind]
+            by_kind[kind].append(key)
+        else:
+            expected = ", ".join(f"{k}/<{f}>" for k, f in ETCD_KINDS.items())
+            problems.append(Problem(where, f"unknown key; expected meta, {expected}"))
+
+    def rows(kind: str) -> Iterator[object]:
+        id_field = ETCD_KINDS[kind]
+        for key in by_kind[kind]:
+            doc = load(values[key])
+            where = f"{prefix}{key}"
+            if isinstance(doc, _BadJson):
+                problems.append(Problem(where, doc.reason))
+                continue
+            name = key.partition("/")[2]
             if isinstance(doc, dict) and id_field in doc and doc[id_field] != name:
                 problems.append(
                     Problem(f"{where}.{id_field}", f"{doc[id_field]!r} differs from the key")
                 )
                 continue
-            rows = data[kind]
-            assert isinstance(rows, list)
-            rows.append(doc)
             keys[kind].append(key)
-        else:
-            expected = ", ".join(f"{k}/<{f}>" for k, f in ETCD_KINDS.items())
-            problems.append(Problem(where, f"unknown key; expected meta, {expected}"))
-    if problems:
-        raise StateError(source, problems)
+            yield doc
+
+    for kind in ETCD_KINDS:
+        data[kind] = RowStream(rows(kind))
     try:
-        return parse_state(data, source)
+        state = parse_state(data, source)
     except StateError as err:
+        if problems:
+            raise StateError(source, sorted(problems, key=lambda p: p.path)) from err
         raise _name_keys(err, keys, prefix) from err
+    if problems:
+        raise StateError(source, sorted(problems, key=lambda p: p.path))
+    return state
 
 
 def _read_etcd_meta(
@@ -727,15 +790,16 @@ class EtcdSource:
         self.rejected = 0
         self.last_error: str | None = None
         self._key = prefix.encode()
-        self._values: dict[str, bytes] = {}  # key (relative to the prefix) → raw value
-        self._docs: dict[str, object] = {}  # the same, parsed once on arrival
+        # key (relative to the prefix) → raw value; parsed when validated (keeping
+        # 800,000 parsed documents as well would double the memory at scale)
+        self._values: dict[str, bytes] = {}
         self._stream: WatchStream | None = None
         self._member = 0  # index of the member to open the next watch on
         self._heard_at = time.monotonic()
         self._out_of_members = False  # logged once per outage, not every retry
         self._closed = False
         self._revision = self._read_all()  # no member answers: raise, as for a bad state
-        self._good = etcd_state(self._docs, prefix, self.name)
+        self._good = etcd_state_from_values(self._values, prefix, self.name)
         self._incremental: Incremental | None = Incremental(self._good)
         self.full_reads = 1  # whole-state validations so far (for tests and the bench)
 
@@ -843,13 +907,31 @@ class EtcdSource:
         self._heard_at = time.monotonic()
 
     def _read_all(self) -> int:
-        revision, kvs = self.client.range_prefix(self._key)
-        self._values = {}
-        self._docs = {}
-        for kv in kvs:
-            key = self._relative(kv.key)
-            self._values[key] = kv.value
-            self._docs[key] = _etcd_doc(kv.value)
+        """Read the prefix in pages of ``ETCD_PAGE`` keys, every page at the revision of
+        the first (one snapshot): one reply for 800,000 keys would be hundreds of MB of
+        JSON held at once."""
+        end = b64(prefix_end(self._key))
+        body: dict[str, object] = {"key": b64(self._key), "range_end": end,
+                                   "limit": ETCD_PAGE}
+        values: dict[str, bytes] = {}
+        revision = 0
+        while True:
+            reply = self.client.call("kv/range", body)
+            if not revision:
+                revision = header_revision(reply)
+            kvs = reply.get("kvs", [])
+            if not isinstance(kvs, list):
+                raise EtcdError(f"unexpected range reply {reply!r}")
+            last = b""
+            for raw in kvs:
+                kv = etcd_key_value(raw)
+                values[self._relative(kv.key)] = kv.value
+                last = kv.key
+            if not reply.get("more") or not last:
+                break
+            body = {"key": b64(last + b"\0"), "range_end": end, "limit": ETCD_PAGE,
+                    "revision": str(revision)}
+        self._values = values
         return revision
 
     def _resync(self) -> ClusterState | None:
@@ -858,7 +940,6 @@ class EtcdSource:
             self._revision = self._read_all()
         except EtcdError as err:
             self._values = before
-            self._docs = {key: _etcd_doc(value) for key, value in before.items()}
             log.warning("%s: cannot read %s again: %s", self.name, self.prefix, err)
             return None
         return None if self._values == before else self._rebuild()
@@ -873,12 +954,10 @@ class EtcdSource:
             key = self._relative(event.key)
             if event.type == "delete":
                 if self._values.pop(key, None) is not None:
-                    del self._docs[key]
                     changed.add(key)
             elif self._values.get(key) != event.value:
                 # Same bytes again (a watch resumed a little early): nothing to rebuild.
                 self._values[key] = event.value
-                self._docs[key] = _etcd_doc(event.value)
                 changed.add(key)
         return self._rebuild(changed) if changed else None
 
@@ -888,7 +967,8 @@ class EtcdSource:
         changes: dict[str, dict[str, object | None]] = {}
         meta: Mapping[str, object] | None = None
         for key in sorted(keys):
-            doc = self._docs.get(key)
+            value = self._values.get(key)
+            doc = None if value is None else _etcd_doc(value)
             if isinstance(doc, _BadJson):
                 raise StateError(self.name, [Problem(f"{self.prefix}{key}", doc.reason)])
             kind, slash, name = key.partition("/")
@@ -915,7 +995,7 @@ class EtcdSource:
                 state = self._changed_rows(keys)
             if state is None:
                 self.full_reads += 1
-                state = etcd_state(self._docs, self.prefix, self.name)
+                state = etcd_state_from_values(self._values, self.prefix, self.name)
                 self._incremental = Incremental(state)
         except StateError as err:
             self._incremental = None  # the next change validates everything

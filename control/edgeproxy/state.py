@@ -16,12 +16,13 @@ import gc
 import math
 import re
 import socket
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -312,6 +313,20 @@ class _Fields:
             return None
         return value
 
+    def ref(self, name: str) -> str | None:
+        """An id that refers to another entity (an app, a host, a region): interned,
+        so the 600,000 machines of a big state share one string per app and host
+        rather than holding a copy each (every source hands us a new string per row)."""
+        value = self.id(name)
+        return sys.intern(value) if value is not None else None
+
+    def rows(self, name: str) -> Iterable[object]:
+        """A top-level list of entities: a list, or a ``RowStream`` read as it goes."""
+        value = self.raw(name)
+        if isinstance(value, RowStream):
+            return value
+        return self.items(name) or ()
+
     def choice(self, name: str, options: Mapping[str, T], default: T | None = None) -> T | None:
         value = self.raw(name)
         if isinstance(value, _Missing):
@@ -396,6 +411,42 @@ def _parse_address(value: object) -> IPAddress | str:
         return f"{value!r} is not an IP address"
 
 
+class RowStream:
+    """A top-level entity list read lazily (``parse_state`` takes it where a list goes).
+
+    A source that reads rows from a database hands one per table, so validation turns
+    each row into its entity as it arrives and the plain rows of 600,000 machines are
+    never all in memory at once. Iterated once.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: Iterable[object]) -> None:
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self._rows)
+
+
+_SHARED: dict[object, object] = {}
+_SHARED_MAX = 4096
+
+
+def _shared(value: T) -> T:
+    """One object per distinct small immutable value (port tuples, limits): 200,000
+    services mostly repeat a handful. Bounded; when full it starts again."""
+    try:
+        found = _SHARED.get(value)
+    except TypeError:
+        return value
+    if found is not None:
+        return found  # type: ignore[return-value]
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    _SHARED[value] = value
+    return value
+
+
 @dataclass
 class _Table:
     """Entities of one kind as read: built ones, and every id seen (for references).
@@ -449,7 +500,7 @@ def _read_host(raw: object, index: int, problems: _Problems, table: _Table) -> H
     host_id = f.id("id")
     table.claim(f, "id", host_id, index)
     role = f.choice("role", _HOST_ROLES)
-    region = f.id("region")
+    region = f.ref("region")
     address = f.ipv4("address")
     if f.ok and host_id and role and region and address:
         return Host(host_id, role, region, address)
@@ -493,7 +544,7 @@ def _read_concurrency(f: _Fields) -> Concurrency | None:
         f.ok = False
         return None
     assert kind is not None and soft is not None and hard is not None
-    return Concurrency(kind, soft, hard)
+    return _shared(Concurrency(kind, soft, hard))
 
 
 def _read_check(raw: object, path: str, f: _Fields) -> Check | None:
@@ -531,7 +582,7 @@ def _read_service(raw: object, index: int, problems: _Problems, table: _Table) -
     )
     service_id = f.id("id")
     table.claim(f, "id", service_id, index)
-    app = f.id("app")
+    app = f.ref("app")
     protocol = f.choice("protocol", _PROTOCOLS)
     ports: list[int] = []
     port_list = f.items("ports")
@@ -568,7 +619,7 @@ def _read_service(raw: object, index: int, problems: _Problems, table: _Table) -
         service_id,
         app,
         protocol,
-        tuple(ports),
+        _shared(tuple(ports)),
         internal_port,
         tuple(handlers),
         concurrency,
@@ -580,8 +631,8 @@ def _read_machine(raw: object, index: int, problems: _Problems, table: _Table) -
     f = _Fields(raw, table.path(index), problems, ("id", "app", "host", "address", "state"))
     machine_id = f.id("id")
     table.claim(f, "id", machine_id, index)
-    app = f.id("app")
-    host = f.id("host")
+    app = f.ref("app")
+    host = f.ref("host")
     address = f.ipv4("address")
     state = f.choice("state", _MACHINE_STATES)
     if f.ok and machine_id and app and host and address and state:
@@ -813,7 +864,7 @@ def _validate(data: object) -> ClusterState | list[Problem]:
     }
     for name, read in readers.items():
         table = tables[name]
-        for i, raw in enumerate(top.items(name) or ()):
+        for i, raw in enumerate(top.rows(name)):
             entity = read(raw, i, problems, table)
             if entity is not None:
                 table.built.append((i, entity))
@@ -1091,11 +1142,10 @@ class Incremental:
         self, version: int, new: Mapping[str, Machine | None], claimed: Mapping[IPAddress, Machine]
     ) -> ClusterState:
         old = self.state
-        machines = dict(old.machines)
-        by_app = dict(old.machines_by_app)
+        changed: dict[str, Machine | None] = {}
         touched: set[str] = set()
         for machine_id, machine in new.items():
-            before = machines.get(machine_id)
+            before = old.machines.get(machine_id)
             if before is machine:
                 continue
             if before is not None:
@@ -1103,21 +1153,20 @@ class Incremental:
                 if self._owner.get(before.address) is before:
                     del self._owner[before.address]
             if machine is None:
-                machines.pop(machine_id, None)
+                if before is not None:
+                    changed[machine_id] = None
             else:
-                machines[machine_id] = machine
+                changed[machine_id] = machine
                 touched.add(machine.app)
         for address, machine in claimed.items():
             self._owner[address] = machine
+        groups: dict[str, tuple[Machine, ...] | None] = {}
         for app in touched:
-            members = tuple(m for m in by_app.get(app, ()) if new.get(m.id, m) is m)
+            members = tuple(m for m in old.machines_by_app.get(app, ()) if new.get(m.id, m) is m)
             members += tuple(
                 m for m in new.values() if m is not None and m.app == app and m not in members
             )
-            if members:
-                by_app[app] = members
-            else:
-                by_app.pop(app, None)
+            groups[app] = members or None
         state = object.__new__(ClusterState)
         for name, value in (
             ("version", version),
@@ -1125,15 +1174,108 @@ class Incremental:
             ("hosts", old.hosts),
             ("apps", old.apps),
             ("services", old.services),
-            ("machines", machines),
+            # layered on the old mappings: copying 600,000 entries per change was
+            # most of a one-machine change's cost
+            ("machines", _updated(old.machines, changed)),
             ("latency_ms", old.latency_ms),
             ("services_by_app", old.services_by_app),
-            ("machines_by_app", by_app),
+            ("machines_by_app", _updated(old.machines_by_app, groups)),
             ("changed_apps", frozenset(touched)),
         ):
             object.__setattr__(state, name, value)
         self.state = state
         return state
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+_GONE: object = object()
+#: changes a layered mapping carries before it is flattened into a plain dict again
+LAYER_LIMIT = 2048
+
+
+class _Layered(Mapping[_K, _V]):
+    """A read-only mapping: a base dict plus a small dict of changes over it.
+
+    ``Incremental`` derives each new state from the last by a few rows; the new
+    state's ``machines`` shares the old one's base and copies only the changes
+    (``_updated``), so the old state stays intact for whoever still holds it.
+    """
+
+    __slots__ = ("_base", "_delta", "_len")
+
+    def __init__(self, base: Mapping[_K, _V], delta: dict[_K, object], length: int) -> None:
+        self._base = base
+        self._delta = delta
+        self._len = length
+
+    def __getitem__(self, key: _K) -> _V:
+        delta = self._delta
+        if key in delta:
+            value = delta[key]
+            if value is _GONE:
+                raise KeyError(key)
+            return value  # type: ignore[return-value]
+        return self._base[key]
+
+    def get(self, key: _K, default: Any = None) -> Any:
+        delta = self._delta
+        if key in delta:
+            value = delta[key]
+            return default if value is _GONE else value
+        return self._base.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        delta = self._delta
+        if key in delta:
+            return delta[key] is not _GONE
+        return key in self._base
+
+    def __iter__(self) -> Iterator[_K]:
+        delta = self._delta
+        for key in self._base:
+            if key not in delta:
+                yield key
+        for key, value in delta.items():
+            if value is not _GONE:
+                yield key
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self.items())!r})"
+
+
+def _updated(mapping: Mapping[_K, _V], changes: Mapping[_K, _V | None]) -> Mapping[_K, _V]:
+    """``mapping`` with ``changes`` applied (None: removed), leaving ``mapping`` as it is."""
+    delta: dict[_K, object]
+    if isinstance(mapping, _Layered):
+        base, delta = mapping._base, dict(mapping._delta)
+    else:
+        base, delta = mapping, {}
+    length = len(mapping)
+    for key, value in changes.items():
+        had = key in mapping
+        if value is None:
+            if had:
+                length -= 1
+            if key in base:
+                delta[key] = _GONE
+            else:
+                delta.pop(key, None)
+        else:
+            length += not had
+            delta[key] = value
+    if len(delta) <= LAYER_LIMIT:
+        return _Layered(base, delta, length)
+    flat = dict(base)
+    for key, entry in delta.items():
+        if entry is _GONE:
+            flat.pop(key, None)
+        else:
+            flat[key] = entry
+    return flat
 
 
 def _owner_name(owner: Host | Machine | App) -> str:

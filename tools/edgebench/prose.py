@@ -45,15 +45,19 @@ METHOD = {
     ),
     "scale": (
         "A synthetic state (`edgebench.synth`): 200,000 apps, 600,000 machines, 30 regions, "
-        "one raw-TCP service per app. Cold build = validate + place for one edge; load = "
-        "`Dataplane.sync` into a real edge program loaded with large limits (not attached to "
-        "any interface), in growing steps within a time budget; control-plane RSS (VmHWM of "
-        "that process) and kernel map memory (bpftool). One-machine change propagation is "
-        "not measured (see the notes)."
+        "one raw-TCP service per app, written to SQLite and bulk-loaded into a single-member "
+        "etcd on loopback by a separate process. The measured process is the control plane "
+        "as the daemon runs it: SQLite source (validate) -> place for one edge -> a real edge "
+        "program (large limits, attached to no interface) -> `Dataplane.sync` in growing "
+        "steps -> one-machine changes through SQLite, then through etcd; RSS after each "
+        "stage and its peak (VmHWM); kernel map memory (bpftool). The file source at lab "
+        "scale (100 and 1,000 apps) in its own process; the 200k YAML re-parse timed once."
     ),
     "scrape": (
-        "GET /metrics from the edgeproxy metrics endpoint with the synthetic 200,000-app state "
-        "loaded (timed end to end, bytes counted)."
+        "The scale scenario's 200,000 apps synced into a real edge program; per-CPU counters "
+        "written straight into the stats maps for every machine and service of 10% of the "
+        "apps (realistic) and of every app (worst case); GET /metrics over loopback from the "
+        "daemon's endpoint and collector, timed end to end."
     ),
 }
 
