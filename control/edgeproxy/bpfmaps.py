@@ -471,6 +471,8 @@ class BpfMap:
         """Per-CPU maps take every CPU's copy: repeat each (padded) value ncpu times."""
         if not self.percpu:
             return values if isinstance(values, bytearray) else bytearray(values)
+        if values.count(0) == len(values):  # zeroed counters of new ids: no per-entry copies
+            return bytearray(count * self._stride * self._ncpu)
         size = ct.sizeof(self.value_type)
         one = [bytes(values[i * size:(i + 1) * size]).ljust(self._stride, b"\0") * self._ncpu
                for i in range(count)]

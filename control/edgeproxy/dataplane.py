@@ -189,6 +189,8 @@ def _label_bytes(app: str, name: str) -> bytes:
 
 
 _MV_SIZE = ct.sizeof(bm.MachineValue)
+#: queued new-machine and new-generation bytes that make a sync write them early
+FLUSH_BYTES = 16 << 20
 
 
 class _MachineTable(MutableMapping[int, tuple[str, str, bytes]]):
@@ -282,19 +284,22 @@ class _EndpointIds(MutableMapping[tuple[str, int], int]):
 class _Writes:
     """Map writes of one sync phase, per map, flushed as one batch per map."""
 
-    __slots__ = ("ops",)
+    __slots__ = ("ops", "size")
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, bool], tuple[bytearray, bytearray]] = {}
+        self.size = 0  # bytes queued
 
     def put(self, name: str, key: bytes, value: bytes) -> None:
         keys, values = self.ops.setdefault((name, False), (bytearray(), bytearray()))
         keys += key
         values += value
+        self.size += len(key) + len(value)
 
     def delete(self, name: str, key: bytes) -> None:
         keys, _ = self.ops.setdefault((name, True), (bytearray(), bytearray()))
         keys += key
+        self.size += len(key)
 
     def flush(self, maps: dict[str, bm.BpfMap]) -> None:
         for (name, is_delete), (keys, values) in self.ops.items():
@@ -303,6 +308,7 @@ class _Writes:
             else:
                 maps[name].update_batch(keys, values)
         self.ops.clear()
+        self.size = 0
 
 
 @dataclass(slots=True)
@@ -694,6 +700,12 @@ class Dataplane:
                 cur.table = t  # unchanged: nothing to write (keep the newer object)
                 continue
             written += self._sync_service(t, cur, added, w)
+            if phase0.size + phase1.size > FLUSH_BYTES:
+                # New machines and inactive generations may land early: nothing routes
+                # to them before the flips. Bounds a cold load's queued writes (and
+                # the per-CPU copies made of them) instead of holding all 200k at once.
+                phase0.flush(self.maps)
+                phase1.flush(self.maps)
         if not partial:
             gone = [sid for sid in self._services if sid not in desired]
         removed_n = 0
@@ -820,26 +832,32 @@ class Dataplane:
             setattr(total, f, sum(getattr(r, f) for r in rows))
         return total
 
-    def _columns(self, name: str, count: int) -> dict[str, list[int]]:
-        """Every u64 field of keys ``0 .. count-1`` of an array map, summed over CPUs:
-        one list per field, indexed by key. One batch read per map; the per-CPU sums
-        are slices and ``map(add)`` over them (C loops), not a Python loop per value."""
+    def _sums(self, name: str, ids: list[int], skip_idle: bool) -> dict[int, tuple[int, ...]]:
+        """Each id's value of an array map, every u64 field summed over CPUs.
+
+        One batch read for ids 0..max (``BpfMap.lookup_array``). An all-zero entry
+        is found with ``startswith`` on the raw buffer (no copy, no decoding) and left
+        out when ``skip_idle``, so the cost follows the ids with traffic; the others
+        are decoded with ``struct.unpack_from`` per CPU copy.
+        """
         m = self.maps[name]
+        count = ids[-1] + 1 if ids else 0
         raw = m.lookup_array(count)
-        n = len(raw) // m.value_stride if m.value_stride else 0
-        words = array("Q")
-        words.frombytes(bytes(raw))
-        del raw
-        width = m.value_stride // 8  # u64 words per key, all CPUs
-        per_cpu = width // (bm.possible_cpus() if m.percpu else 1)
-        names = [f for f, _ in m.value_type._fields_] if hasattr(m.value_type, "_fields_") \
-            else ["value"]
-        out: dict[str, list[int]] = {}
-        for f, fname in enumerate(names):
-            column: list[int] = words[f::width].tolist()
-            for cpu in range(1, width // per_cpu):
-                column = list(map(operator.add, column, words[cpu * per_cpu + f::width]))
-            out[fname] = column[:n]
+        stride = m.value_stride
+        per_cpu = stride // (bm.possible_cpus() if m.percpu else 1)
+        fmt = struct.Struct(f"<{ct.sizeof(m.value_type) // 8}Q")
+        zero_entry, zero = bytes(stride), (0,) * (fmt.size // 8)
+        out: dict[int, tuple[int, ...]] = {}
+        for i in ids:
+            off = i * stride
+            if raw.startswith(zero_entry, off):
+                if not skip_idle:
+                    out[i] = zero
+                continue
+            values = fmt.unpack_from(raw, off)
+            for cpu_off in range(off + per_cpu, off + stride, per_cpu):
+                values = tuple(map(operator.add, values, fmt.unpack_from(raw, cpu_off)))
+            out[i] = values
         return out
 
     def read_counters(self, *, skip_idle: bool = False) -> Counters:
@@ -847,43 +865,38 @@ class Dataplane:
 
         ``skip_idle``: leave out machines and services whose counters are all zero
         (no traffic since their id was assigned), as the metrics collector does.
-        Reads are one batch syscall per map (``BpfMap.lookup_array``), so a scrape
-        at 600,000 machines costs a few syscalls, not a million.
+        Reads are one batch syscall per map and 65,536 ids (``BpfMap.lookup_array``),
+        so a scrape at 600,000 machines costs a few syscalls, not a million.
         """
         if self.config.role == "worker":
             stats = {n: self._sum("worker_stats", i) or 0 for i, n in enumerate(bm.WORKER_STATS)}
             return Counters(stats=stats)
-        machines = []
-        ids = sorted(self._machines)
-        count = ids[-1] + 1 if ids else 0
-        ms = self._columns("machine_stats", count)
-        opened, closed, reset, expired = ms["opened"], ms["closed"], ms["reset"], ms["expired"]
-        packets_in, bytes_in = ms["packets_in"], ms["bytes_in"]
-        packets_out, bytes_out = ms["packets_out"], ms["bytes_out"]
-        active = self._columns("machine_active", count)["value"]
         entries = self._machines
-        for mid in ids:
-            if skip_idle and not (opened[mid] or active[mid] or packets_in[mid]
-                                  or packets_out[mid] or closed[mid]):
-                continue
+        ids = sorted(entries)
+        fields = [f[0] for f in bm.MachineStats._fields_]
+        stats_of = self._sums("machine_stats", ids, skip_idle)
+        active_of = self._sums("machine_active", ids, skip_idle)
+        zero = (0,) * len(fields)
+        machines = []
+        for mid in sorted(stats_of.keys() | active_of.keys()) if skip_idle else ids:
             app, name, mv = entries[mid]
+            s = dict(zip(fields, stats_of.get(mid, zero), strict=True))
             machines.append(MachineCounters(
-                app, name, _port_of(mv), opened[mid], active[mid], closed[mid], reset[mid],
-                expired[mid], packets_in[mid], bytes_in[mid], packets_out[mid],
-                bytes_out[mid]))
+                app, name, _port_of(mv), s["opened"], active_of.get(mid, (0,))[0],
+                s["closed"], s["reset"], s["expired"], s["packets_in"], s["bytes_in"],
+                s["packets_out"], s["bytes_out"]))
         services = []
         by_name = sorted(self._services.items())
-        count = max((svc.id for _, svc in by_name), default=-1) + 1
-        ss = self._columns("service_stats", count)
-        refused, dropped, no_backend = ss["refused"], ss["dropped"], ss["no_backend"]
-        flood, resteered = ss["flood"], ss["resteered"]
+        sfields = [f[0] for f in bm.ServiceStats._fields_]
+        sums = self._sums("service_stats", sorted(svc.id for _, svc in by_name), skip_idle)
+        szero = (0,) * len(sfields)
         for sid, svc in by_name:
-            i = svc.id
-            if skip_idle and not (refused[i] or dropped[i] or no_backend[i] or flood[i]
-                                  or resteered[i]):
+            values = sums.get(svc.id)
+            if values is None and skip_idle:
                 continue
-            services.append(ServiceCounters(svc.app, sid, refused[i], dropped[i],
-                                            no_backend[i], flood[i], resteered[i]))
+            v = dict(zip(sfields, values or szero, strict=True))
+            services.append(ServiceCounters(svc.app, sid, v["refused"], v["dropped"],
+                                            v["no_backend"], v["flood"], v["resteered"]))
         stats = {n: self._sum("edge_stats", i) or 0 for i, n in enumerate(bm.EDGE_STATS)}
         anomalies = {n: self._sum("anomalies", i) or 0 for i, n in enumerate(bm.ANOMALIES)}
         return Counters(tuple(machines), tuple(services), stats, anomalies,

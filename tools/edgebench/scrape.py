@@ -144,7 +144,8 @@ def measure(result: Result, runs: int, quick: bool) -> None:
           f"non-zero counters; {c['lines']:,} lines, {c['bytes'] / 2**20:.1f} MiB per scrape."
           for c in s["cases"]),
         "read_counters = Dataplane.read_counters(skip_idle=True) alone: one "
-        "BPF_MAP_LOOKUP_BATCH per 65,536 keys of each stats map, per-CPU sums by slices; "
+        "BPF_MAP_LOOKUP_BATCH per 65,536 keys of each stats map, idle ids skipped on the raw "
+        "buffer, the rest decoded per CPU copy; "
         "the rest of a scrape is building and writing the text exposition.",
         f"Child RSS after the scrapes: {s['rss_mib']:.0f} MiB.",
     ]
