@@ -361,11 +361,16 @@ BAD["doff_4"] = (_patched(14 + 20 + 12, 0x40), XDP_DROP, "bad_doff")
 BAD["doff_beyond"] = (_patched(14 + 20 + 12, 0xF0), XDP_DROP, "bad_doff")
 
 
-@pytest.mark.parametrize("name", sorted(BAD))
+# BPF_PROG_TEST_RUN cannot build an skb whose IPv4 header is cut short, so these
+# two run through the XDP entry only (the TC entry shares the same parsing code).
+SKB_UNBUILDABLE = ("eth_only", "trunc_ip")
+BAD_CASES = [(mode, name) for mode in ATTACH_MODES for name in sorted(BAD)
+             if not (mode == "tc" and name in SKB_UNBUILDABLE)]
+
+
+@pytest.mark.parametrize(("dp", "name"), BAD_CASES, indirect=["dp"])
 def test_bad_packets(dp: Dataplane, name: str) -> None:
     pkt, verdict, kind = BAD[name]
-    if dp.config.attach == "tc" and name in ("eth_only", "trunc_ip"):
-        pytest.skip("BPF_PROG_TEST_RUN refuses an skb whose IPv4 header is cut short")
     dp.sync([table((M1,))])
     open_flow(dp, 40000)
     before = bytes(ct_of(dp) or bm.CtValue())

@@ -446,9 +446,9 @@ class Dataplane:
                 if c.attach == "tc":
                     self._attach_tc(ifname, fns[ingress[1]].fd, ingress[1], TC_INGRESS)
                     with suppress(Exception):  # no XDP program there
-                        BPF.remove_xdp(ifname, c.xdp_flags)
+                        BPF.remove_xdp(ifname.encode(), c.xdp_flags)
                 else:
-                    BPF.attach_xdp(ifname, fns[ingress[0]], c.xdp_flags)
+                    BPF.attach_xdp(ifname.encode(), fns[ingress[0]], c.xdp_flags)
                     self._detach_tc(ifname, TC_INGRESS)
 
     def load_in_child(self, timeout_s: float = 120.0) -> None:
@@ -511,7 +511,7 @@ class Dataplane:
         with netns(c.netns):
             for ifname in c.interfaces:
                 with suppress(Exception):  # interface already gone / no XDP there
-                    BPF.remove_xdp(ifname, c.xdp_flags)
+                    BPF.remove_xdp(ifname.encode(), c.xdp_flags)
                 self._detach_tc(ifname, TC_INGRESS)
                 if c.role == "worker":
                     self._detach_tc(ifname, TC_EGRESS)
