@@ -27,11 +27,7 @@ class _StreamBody:
 
     async def read(self) -> bytes:
         try:
-            ready = self._stream.read_ready()
-            if ready is not None:
-                return ready
-            async with asyncio.timeout(self._timeout):
-                return await self._stream.read()
+            return await self._stream.read_within(self._timeout)
         except TimeoutError as exc:
             raise ClientBodyError(408, "request body timed out") from exc
         except StreamReset as exc:

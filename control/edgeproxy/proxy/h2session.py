@@ -97,6 +97,15 @@ class H2Stream:
             raise self._error
         return b"" if self._remote_ended else None
 
+    async def read_within(self, timeout: float) -> bytes:
+        """``read()`` bounded by ``timeout`` (TimeoutError), with no timer at all
+        when the next payload is already here (the common case under load)."""
+        ready = self.read_ready()
+        if ready is not None:
+            return ready
+        async with asyncio.timeout(timeout):
+            return await self.read()
+
     def _credit(self, flow: int) -> None:
         # Batch WINDOW_UPDATEs: a frame per DATA frame would double the frame count.
         self._unacked += flow
