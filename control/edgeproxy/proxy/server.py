@@ -271,26 +271,16 @@ class HttpProxy:
                 local_port=int(local[1]),
                 protocol=b"2" if is_h2 else b"1.1",
             )
-            if is_h2:
-                await H2ClientConnection(
-                    reader,
-                    writer,
-                    self._forwarder,
-                    client,
-                    str(local[0]),
-                    self._client_timeouts,
-                    first,
-                ).serve()
-            else:
-                await H1Connection(
-                    reader,
-                    writer,
-                    self._forwarder,
-                    client,
-                    str(local[0]),
-                    self._client_timeouts,
-                    first,
-                ).serve()
+            connection = H2ClientConnection if is_h2 else H1Connection
+            await connection(
+                reader,
+                writer,
+                self._forwarder,
+                client,
+                str(local[0]),
+                self._client_timeouts,
+                first,
+            ).serve()
         except (ConnectionError, OSError):
             pass
         finally:
