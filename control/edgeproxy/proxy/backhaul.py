@@ -26,6 +26,7 @@ from h2.errors import ErrorCodes
 
 from edgeproxy.proxy import headers as h
 from edgeproxy.proxy.bodies import BodyReader, ReplayableBody, read_ready
+from edgeproxy.proxy.cpushare import CpuMeter
 from edgeproxy.proxy.h2session import H2Session, H2Stream, StreamReset
 from edgeproxy.proxy.machines import MachinePool, MachineRequest
 from edgeproxy.proxy.routes import RouteMap
@@ -387,6 +388,7 @@ class WorkerContext:
     host_addresses: frozenset[str]
     response_timeout: float
     tunnel_idle_timeout: float
+    cpu: CpuMeter | None = None  # per-app CPU measurement (edges bound it, workers report it)
 
 
 async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
@@ -399,6 +401,8 @@ async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
     if backend is None:
         _answer_error(stream, 502, b"connect")
         return
+    if ctx.cpu is not None:
+        ctx.cpu.tag(backend.app)
     websocket = pseudo.get(b":method") == b"CONNECT" and pseudo.get(b":protocol") == b"websocket"
     method = b"GET" if websocket else pseudo.get(b":method", b"GET")
     content_length = h.header_value(fields, b"content-length")

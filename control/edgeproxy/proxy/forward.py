@@ -15,6 +15,7 @@ from edgeproxy.proxy import headers as h
 from edgeproxy.proxy.admission import Admission, QueueFull
 from edgeproxy.proxy.backhaul import BackhaulClient, BackhaulRequest
 from edgeproxy.proxy.bodies import BodyReader, BytesBody, ReplayableBody
+from edgeproxy.proxy.cpushare import CpuMeter
 from edgeproxy.proxy.framing import HttpError
 from edgeproxy.proxy.machines import MachinePool, MachineRequest
 from edgeproxy.proxy.routes import RouteMap
@@ -113,8 +114,10 @@ class Forwarder:
         machines: MachinePool,
         backhaul: BackhaulClient,
         counters: ProxyCounters,
+        cpu: CpuMeter,
     ) -> None:
         self.settings = settings
+        self.cpu = cpu
         self._routes = routes
         self.admission = admission
         self.machines = machines
@@ -175,6 +178,10 @@ class Forwarder:
         try:
             if table is None:
                 response = error_response(404, request_id, "no app for this host")
+            elif not await self._cpu_turn(app):
+                response = error_response(
+                    503, request_id, "app over its CPU budget", retry_after=1
+                )
             else:
                 response = await self._forward(request, request_id, table, leases)
         except HttpError as exc:
@@ -187,6 +194,11 @@ class Forwarder:
 
         response.on_close.append(count)
         return response
+
+    async def _cpu_turn(self, app: str) -> bool:
+        """Charge this task's CPU to ``app``; wait while the app is over its budget."""
+        self.cpu.tag(app)
+        return await self.cpu.wait_turn(app, self.settings.queue_timeout)
 
     async def _forward(
         self,

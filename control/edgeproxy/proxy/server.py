@@ -16,6 +16,7 @@ from edgeproxy.proxy import headers as h
 from edgeproxy.proxy.admission import Admission
 from edgeproxy.proxy.backhaul import BackhaulClient, WorkerContext, serve_backhaul_stream
 from edgeproxy.proxy.balancing import Chooser, placement_chooser
+from edgeproxy.proxy.cpushare import MIN_LIMIT, CpuBudgets, CpuMeter
 from edgeproxy.proxy.forward import Forwarder, ForwardSettings
 from edgeproxy.proxy.frontend_h1 import ClientTimeouts, H1Connection
 from edgeproxy.proxy.frontend_h2 import PREFACE, H2ClientConnection
@@ -58,6 +59,9 @@ class ProxySettings:
     # limit (at least 1), so the apps' budgets hold across processes without a
     # shared counter; see docs/DESIGN.md "HTTP slow path".
     processes: int = 1
+    # Cores one app may use per process while another app also has requests
+    # (proxy/cpushare.py); 0 = measure per-app CPU but never throttle.
+    app_cpu_limit: float = 0.5
 
 
 def _listen_socket(
@@ -123,6 +127,9 @@ class HttpProxy:
             ping_timeout=s.backhaul_ping_timeout,
             per_app_streams=s.backhaul_streams_per_app,
         )
+        if s.app_cpu_limit != 0 and s.app_cpu_limit < MIN_LIMIT:
+            raise ValueError(f"app_cpu_limit must be 0 (off) or at least {MIN_LIMIT}")
+        self._cpu = CpuMeter(CpuBudgets(s.app_cpu_limit) if s.app_cpu_limit > 0 else None)
         admission: Admission[asyncio.Future[Backend]] = Admission(
             chooser or placement_chooser(), rng or random.Random(), s.queue_limit
         )
@@ -140,6 +147,7 @@ class HttpProxy:
             self._machines,
             self._backhaul,
             self._counters,
+            self._cpu,
         )
         self._worker = WorkerContext(
             machines=self._machines,
@@ -147,6 +155,7 @@ class HttpProxy:
             host_addresses=self.host_addresses,
             response_timeout=s.response_timeout,
             tunnel_idle_timeout=s.tunnel_idle_timeout,
+            cpu=self._cpu,
         )
         self._client_timeouts = ClientTimeouts(
             header=s.header_timeout,
@@ -214,6 +223,7 @@ class HttpProxy:
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         self._running = True
+        self._cpu.start()
         if self.is_worker:
             for address in sorted(self.host_addresses):
                 sock = _listen_socket(
@@ -226,6 +236,7 @@ class HttpProxy:
 
     async def stop(self) -> None:
         self._running = False
+        self._cpu.stop()
         if self._sync_task is not None:
             with contextlib.suppress(BaseException):
                 await self._sync_task
@@ -344,6 +355,8 @@ class HttpProxy:
             response_seconds={app: hist.cumulative() for app, hist in c.latency.items()},
             response_seconds_sum={app: hist.total for app, hist in c.latency.items()},
             backhaul=self._backhaul.health(),
+            cpu_seconds=dict(self._cpu.used),
+            cpu_throttled=dict(self._cpu.throttled_requests),
         )
 
 

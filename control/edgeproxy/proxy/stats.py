@@ -40,6 +40,10 @@ class ProxySnapshot:
     response_seconds: Mapping[str, tuple[tuple[float, int], ...]]  # app -> cumulative buckets
     response_seconds_sum: Mapping[str, float]
     backhaul: Mapping[str, BackhaulHealth]  # worker address -> health
+    # app -> CPU seconds this process spent on it (proxy/cpushare.py)
+    cpu_seconds: Mapping[str, float] = field(default_factory=dict)
+    # app -> requests answered 503 because the app stayed over its CPU budget
+    cpu_throttled: Mapping[str, int] = field(default_factory=dict)
 
 
 class ProxyCounters:
