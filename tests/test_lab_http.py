@@ -544,3 +544,26 @@ def test_smuggling_shapes_get_4xx_and_reach_no_machine(lab: LabHandle,
     hits = machine_requests(marker)
     assert [line for _, line in hits if control not in line] == [], hits
     assert len(hits) == 1, hits
+
+
+BACKHAUL_PROBE = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 4280), timeout=5)
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+try:
+    print(len(s.recv(100)))
+except ConnectionResetError:
+    print(0)
+"""
+
+
+def test_worker_backhaul_serves_edges_only(lab: LabHandle) -> None:
+    # The client can route to worker-ord's host address, but it is no edge: the
+    # worker's daemon closes the connection before answering a single HTTP/2 frame.
+    done = lab.exec("client", sys.executable, "-c", BACKHAUL_PROBE, "198.18.0.21")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", done.stdout
+    # An edge is served: its daemon's preface gets the worker's SETTINGS back.
+    done = lab.exec("edge-ord", sys.executable, "-c", BACKHAUL_PROBE, "198.18.0.21")
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) > 0, done.stdout

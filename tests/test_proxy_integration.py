@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 
@@ -13,6 +14,7 @@ from test_proxy_support import (
     FAST,
     SMUGGLE_SHAPES,
     VIP,
+    WORKER_AMS,
     exchange_on,
     lab,
     raw_exchange,
@@ -265,6 +267,29 @@ def test_slowloris_header_timeout_closes() -> None:
             assert elapsed < FAST.header_timeout + 1.5
             assert await asyncio.wait_for(reader.read(65536), 3) == b""
             writer.close()
+
+    run(main)
+
+
+def test_backhaul_refuses_connections_from_non_edges() -> None:
+    async def main() -> None:
+        async with lab() as L:
+            worker = L.workers[0]
+            port = worker.backhaul_port
+            # from an address that is no edge's: closed before any HTTP/2 byte
+            reader, writer = await asyncio.open_connection(
+                WORKER_AMS, port, local_addr=("127.0.0.9", 0)
+            )
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            # EOF, or a reset when the close found our bytes unread
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(100), 3) == b""
+            writer.close()
+            assert worker.snapshot().backhaul_refused == 1
+            # the edge (connecting from its host address) is served as before
+            r = await request("GET", "/x", L.port, headers={"edgeproxy-force-region": "ams"})
+            assert r.status == 200 and r.json()["region"] == "ams"
+            assert worker.snapshot().backhaul_refused == 1
 
     run(main)
 

@@ -309,6 +309,8 @@ async def make_lab(settings: ProxySettings = FAST, *, extra_apps: bool = False) 
         )
         for r, a in (("ams", WORKER_AMS), ("syd", WORKER_SYD))
     ]
+    for worker in workers:
+        worker.allow_backhaul_from([EDGE])  # as the daemon does: edges' host addresses only
     for proxy in [edge, *workers]:
         proxy.update(tables, hostnames)
         await proxy.start()

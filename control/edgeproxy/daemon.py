@@ -46,6 +46,11 @@ def hostnames_of(state: ClusterState) -> dict[str, str]:
     return {name: app.name for app in state.apps.values() for name in app.hostnames}
 
 
+def edge_addresses(state: ClusterState) -> list[str]:
+    """Host addresses of the edges: the only peers a worker's backhaul accepts."""
+    return [str(h.address) for h in state.hosts.values() if h.role in ("edge", "both")]
+
+
 class Daemon:
     """Owns the state source, the kernel data plane and the HTTP proxy of one host."""
 
@@ -116,6 +121,8 @@ class Daemon:
         (a source's ``state.changed_apps``, or health); None places every service.
         """
         old, self.state = self.state, state
+        if old.hosts is not state.hosts or not self.applied:
+            self.proxy.allow_backhaul_from(edge_addresses(state))
         healthy = self.health.healthy if self.health else None
         if changed_apps is None or not self._tables_by_id:
             tables = place(state, self.host.id, healthy=healthy)

@@ -99,7 +99,12 @@ class _Link:
         client = self.client
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.worker, client.port), client.connect_timeout
+                asyncio.open_connection(
+                    self.worker,
+                    client.port,
+                    local_addr=(client.source_address, 0) if client.source_address else None,
+                ),
+                client.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
             self._mark_failed()
@@ -176,8 +181,12 @@ class BackhaulClient:
         stream_window: int = 1024 * 1024,
         min_backoff: float = 0.05,
         max_backoff: float = 5.0,
+        source_address: str | None = None,
     ) -> None:
         self.port = port
+        # Connect from the edge's host address: workers accept backhaul connections
+        # only from edge host addresses (HttpProxy.allow_backhaul_from).
+        self.source_address = source_address
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.ping_interval = ping_interval

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from time import perf_counter
@@ -169,7 +169,8 @@ class CpuMeter:
         self.used: Counter[str] = Counter()  # cumulative CPU seconds per app
         self.throttled_requests: Counter[str] = Counter()
         self._names: dict[str, str] = {}
-        self.steps: Counter[str] = Counter()  # task name -> step seconds since the last tick
+        # task name -> step seconds since the last tick
+        self.steps: defaultdict[str, float] = defaultdict(float)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tick: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,7 +253,7 @@ class CpuMeter:
         now = loop.time()
         cpu = time.process_time()
         spent, self._cpu = cpu - self._cpu, cpu
-        steps, self.steps = self.steps, Counter()
+        steps, self.steps = self.steps, defaultdict(float)
         self.busy = spent >= BUSY * max(now - last, 1e-9)
         usage = share_cpu(spent, {name[len(TAG_PREFIX) :]: t for name, t in steps.items()})
         self.used.update(usage)

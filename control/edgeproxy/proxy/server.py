@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import random
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from edgeproxy.proxy import headers as h
@@ -126,6 +126,7 @@ class HttpProxy:
             ping_interval=s.backhaul_ping_interval,
             ping_timeout=s.backhaul_ping_timeout,
             per_app_streams=s.backhaul_streams_per_app,
+            source_address=min(self.host_addresses) if self.host_addresses else None,
         )
         if s.app_cpu_limit != 0 and s.app_cpu_limit < MIN_LIMIT:
             raise ValueError(f"app_cpu_limit must be 0 (off) or at least {MIN_LIMIT}")
@@ -169,6 +170,8 @@ class HttpProxy:
         self._sync_lock: asyncio.Lock | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._running = False
+        self._backhaul_peers: frozenset[str] | None = None
+        self.backhaul_refused = 0
         self.listen_errors: dict[tuple[str, int], str] = {}
         if s.processes < 1:
             raise ValueError("processes must be at least 1")
@@ -191,6 +194,12 @@ class HttpProxy:
         if self._running:
             self._forwarder.retry_waiters()
             self._sync_task = asyncio.get_running_loop().create_task(self.sync_listeners())
+
+    def allow_backhaul_from(self, addresses: Iterable[str] | None) -> None:
+        """Accept backhaul connections only from these addresses (the edges' host
+        addresses); None accepts any. The backhaul is plain h2c and its requests name
+        a machine: anyone who can open it can reach every machine on this host."""
+        self._backhaul_peers = None if addresses is None else frozenset(addresses)
 
     @property
     def listening(self) -> frozenset[tuple[str, int]]:
@@ -320,6 +329,17 @@ class HttpProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self._track()
+        peers = self._backhaul_peers
+        if peers is not None:
+            peer = writer.get_extra_info("peername") or ("",)
+            if str(peer[0]) not in peers:
+                self.backhaul_refused += 1
+                n = self.backhaul_refused
+                if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: a scan cannot flood the log
+                    log.warning("backhaul connection from %s refused: not an edge (%d so far)",
+                                peer[0], n)
+                writer.close()
+                return
         _set_nodelay(writer)
         ctx = self._worker
 
@@ -357,6 +377,7 @@ class HttpProxy:
             backhaul=self._backhaul.health(),
             cpu_seconds=dict(self._cpu.used),
             cpu_throttled=dict(self._cpu.throttled_requests),
+            backhaul_refused=self.backhaul_refused,
         )
 
 

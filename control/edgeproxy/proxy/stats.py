@@ -44,6 +44,8 @@ class ProxySnapshot:
     cpu_seconds: Mapping[str, float] = field(default_factory=dict)
     # app -> requests answered 503 because the app stayed over its CPU budget
     cpu_throttled: Mapping[str, int] = field(default_factory=dict)
+    # backhaul connections a worker closed because they came from no edge's address
+    backhaul_refused: int = 0
 
 
 class ProxyCounters:
