@@ -3,17 +3,20 @@ state from, which interfaces carry traffic."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from .proxy.server import ProxySettings
+
 ROLES = ("edge", "worker", "both")
 _FIELDS = {
     "instance", "role", "host_id", "state", "interfaces", "metrics", "ready_file",
-    "refuse", "idle_timeout_s", "resync_interval_s", "attach",
+    "refuse", "idle_timeout_s", "resync_interval_s", "attach", "http",
 }
 
 
@@ -34,6 +37,7 @@ class DaemonConfig:
     idle_timeout_s: float = 300.0
     resync_interval_s: float = 1.0
     attach: Literal["xdp", "tc"] | None = None  # fast-path hook; None = the loader's default
+    http: ProxySettings = field(default_factory=ProxySettings)  # the `http:` section
 
     @property
     def is_edge(self) -> bool:
@@ -51,6 +55,28 @@ def _require(data: Mapping[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def parse_http(data: object) -> ProxySettings:
+    """The `http:` section: any ProxySettings field, by name, with its type."""
+    if data is None:
+        return ProxySettings()
+    if not isinstance(data, Mapping):
+        raise ConfigError("http: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(ProxySettings)}
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise ConfigError(f"http.{name}: unknown field")
+        kind = type(getattr(ProxySettings(), name))
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"http.{name}: expected a non-negative {kind.__name__}")
+        values[name] = kind(value)
+    try:
+        return ProxySettings(**values)
+    except ValueError as exc:
+        raise ConfigError(f"http: {exc}") from exc
 
 
 def parse_config(data: object) -> DaemonConfig:
@@ -85,6 +111,7 @@ def parse_config(data: object) -> DaemonConfig:
         idle_timeout_s=float(data.get("idle_timeout_s", 300.0)),
         resync_interval_s=float(data.get("resync_interval_s", 1.0)),
         attach=attach,
+        http=parse_http(data.get("http")),
     )
 
 

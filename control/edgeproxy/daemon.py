@@ -61,7 +61,10 @@ class Daemon:
         self.host = self._own_host(self.state)
         self.dataplane = self._dataplane_for(self.host)
         self.proxy = HttpProxy(
-            role=config.role, region=self.host.region, host_addresses=[str(self.host.address)]
+            role=config.role,
+            region=self.host.region,
+            host_addresses=[str(self.host.address)],
+            settings=config.http,
         )
         self.health = HealthChecker(self.state) if config.is_edge else None
         self._tables_by_id: dict[str, ServiceTable] = {}  # the same objects the loader keeps

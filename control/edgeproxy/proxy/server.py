@@ -63,6 +63,14 @@ class ProxySettings:
     # (proxy/cpushare.py); 0 = measure per-app CPU but never throttle.
     app_cpu_limit: float = 0.5
 
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise ValueError("processes must be at least 1")
+        if self.app_cpu_limit != 0 and self.app_cpu_limit < MIN_LIMIT:
+            raise ValueError(f"app_cpu_limit must be 0 (off) or at least {MIN_LIMIT}")
+        if self.queue_limit < 0 or self.max_attempts < 1:
+            raise ValueError("queue_limit must be >= 0 and max_attempts >= 1")
+
 
 def _listen_socket(
     address: str, port: int, backlog: int, reuse_port: bool = False
@@ -128,8 +136,6 @@ class HttpProxy:
             per_app_streams=s.backhaul_streams_per_app,
             source_address=min(self.host_addresses) if self.host_addresses else None,
         )
-        if s.app_cpu_limit != 0 and s.app_cpu_limit < MIN_LIMIT:
-            raise ValueError(f"app_cpu_limit must be 0 (off) or at least {MIN_LIMIT}")
         self._cpu = CpuMeter(CpuBudgets(s.app_cpu_limit) if s.app_cpu_limit > 0 else None)
         admission: Admission[asyncio.Future[Backend]] = Admission(
             chooser or placement_chooser(), rng or random.Random(), s.queue_limit
@@ -173,8 +179,6 @@ class HttpProxy:
         self._backhaul_peers: frozenset[str] | None = None
         self.backhaul_refused = 0
         self.listen_errors: dict[tuple[str, int], str] = {}
-        if s.processes < 1:
-            raise ValueError("processes must be at least 1")
         self._reuse_port = s.processes > 1
 
     @property

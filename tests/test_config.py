@@ -1,0 +1,52 @@
+"""The daemon's own config file: every field parsed, every bad one named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from edgeproxy.config import ConfigError, parse_config
+from edgeproxy.proxy import ProxySettings
+
+BASE: dict[str, Any] = {"instance": "edge-ord", "role": "edge", "host_id": "edge-ord",
+                        "state": {"file": "/etc/edgeproxy/state.yaml"}}
+
+
+def test_defaults_and_http_section() -> None:
+    config = parse_config(BASE)
+    assert config.http == ProxySettings() and config.metrics_listen == "127.0.0.1:9109"
+    config = parse_config({**BASE, "http": {"app_cpu_limit": 0.25, "queue_limit": 10,
+                                            "response_timeout": 5}})
+    assert config.http.app_cpu_limit == 0.25 and config.http.queue_limit == 10
+    assert config.http.response_timeout == 5.0 and isinstance(config.http.response_timeout, float)
+    assert config.http.header_timeout == ProxySettings().header_timeout
+
+
+@pytest.mark.parametrize(("http", "message"), [
+    ({"app_cpu_limt": 0.5}, "http.app_cpu_limt: unknown field"),
+    ({"queue_limit": 1.5}, "http.queue_limit: expected a non-negative int"),
+    ({"queue_limit": True}, "http.queue_limit: expected a non-negative int"),
+    ({"header_timeout": "10s"}, "http.header_timeout: expected a non-negative float"),
+    ({"idle_timeout": -1}, "http.idle_timeout: expected a non-negative float"),
+    ({"app_cpu_limit": 0.05}, "http: app_cpu_limit must be 0 (off) or at least 0.1"),
+    ({"processes": 0}, "http: processes must be at least 1"),
+    ([1, 2], "http: expected a mapping"),
+])
+def test_bad_http_settings_are_named(http: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**BASE, "http": http})
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"role": "router"}, "role: 'router' is not one of edge, worker, both"),
+    ({"refuse": "reject"}, "refuse: 'reject' is not rst or drop"),
+    ({"attach": "skb"}, "attach: 'skb' is not xdp or tc"),
+    ({"colour": "blue"}, "colour: unknown field"),
+    ({"host_id": 7}, "host_id: expected str, got int"),
+])
+def test_bad_top_level_fields_are_named(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**BASE, **change})
+    assert str(err.value) == message
