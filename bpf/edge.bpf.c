@@ -55,6 +55,26 @@ static __always_inline int drop(void)
     return XDP_DROP;
 }
 
+/* The VIP pre-filter: 0 means daddr is certainly not a raw-TCP VIP. The loader
+ * sets a VIP's bit before its first services entry exists and clears it only
+ * after its last one is gone, so a VIP never reads 0; other addresses may read
+ * 1 (a shared bit) and take the services lookup as before. An array lookup with
+ * a constant index bound is inlined by the verifier: a load, no hashing of a key. */
+static __always_inline int maybe_vip(__u32 daddr)
+{
+    __u32 bit = vip_filter_bit(daddr), word = bit / 64;
+    u64 *w = vip_filter.lookup(&word);
+    return !w || ((*w >> (bit % 64)) & 1);
+}
+
+/* The key epoch of (daddr, dport)'s bucket; 0 if the map has no such slot */
+static __always_inline __u32 key_epoch_of(__u32 daddr, __u16 dport)
+{
+    __u32 slot = key_epoch_slot(daddr, dport);
+    u32 *e = key_epoch.lookup(&slot);
+    return e ? *e : 0;
+}
+
 /* An odd-shaped packet is our business only when it is addressed to a raw-TCP
  * VIP (the (vip, 0) marker entry): then count it and apply the verdict;
  * anything else goes to the kernel as if we were not here. */
@@ -342,16 +362,21 @@ static __always_inline int edge_return(void *ctx, const int tc)
         anomaly_inc(ANOM_BAD_IPIP);
         return pass();
     }
-    /* only replies from a raw-TCP service of ours are decapsulated */
-    struct service_key sk = {.addr = inner->saddr, .port = tcp->source, .proto = IPPROTO_TCP};
-    struct service_value *svc = services.lookup(&sk);
-    if (!svc || (svc->flags & SVC_F_VIP_MARKER)) {
-        anomaly_inc(ANOM_BAD_IPIP);
-        return pass();
-    }
+    /* only replies from a raw-TCP service of ours are decapsulated: a flow whose
+     * key epoch is still current proves it (as in edge_forward), else services */
     struct ct_key ck = {.saddr = inner->daddr, .daddr = inner->saddr,
                         .sport = tcp->dest, .dport = tcp->source, .proto = IPPROTO_TCP};
+    __u32 epoch = key_epoch_of(ck.daddr, ck.dport);
     struct ct_value *ct = conntrack.lookup(&ck);
+    if (!ct || (__u32)(ct->flags >> CT_EPOCH_SHIFT) != epoch) {
+        struct service_key sk = {.addr = inner->saddr, .port = tcp->source,
+                                 .proto = IPPROTO_TCP};
+        struct service_value *svc = services.lookup(&sk);
+        if (!svc || (svc->flags & SVC_F_VIP_MARKER)) {
+            anomaly_inc(ANOM_BAD_IPIP);
+            return pass();
+        }
+    }
     if (ct) {
         touch_flow(ct);
         count_packet(ct->machine, payload, 1);
@@ -373,7 +398,7 @@ static __always_inline int edge_return(void *ctx, const int tc)
  * the flow. Returns -1 with *machine set to forward to it, or a final verdict. */
 static __always_inline int new_flow(void *ctx, const int tc, struct dp_config *cfg,
                                     struct service_value *svc, struct ct_key *ck, int reuse,
-                                    __u32 payload, __u32 *machine)
+                                    __u32 payload, __u32 epoch, __u32 *machine)
 {
     __u32 svc_id = svc->id;
     /* per-service counters only on these rarer outcomes: no lookup otherwise */
@@ -392,7 +417,7 @@ static __always_inline int new_flow(void *ctx, const int tc, struct dp_config *c
             ss->no_backend += 1;
         return refuse(ctx, tc, cfg, ss, payload);
     }
-    struct ct_value nv = {.flags = 0, .last_seen_ns = ep_now(),
+    struct ct_value nv = {.flags = (__u64)epoch << CT_EPOCH_SHIFT, .last_seen_ns = ep_now(),
                           .machine = *machine, .service = svc_id};
     if (reuse) {
         conntrack.update(ck, &nv);
@@ -436,13 +461,30 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
     if ((void *)(tcp + 1) > data_end)   /* tcp_check proved it; the verifier needs it here */
         return pass();
 
+    __u8 flags = tcp_flags(tcp);
+    struct ct_key ck = {.saddr = ip->saddr, .daddr = ip->daddr,
+                        .sport = tcp->source, .dport = tcp->dest, .proto = IPPROTO_TCP};
+    /* Read before the services lookup: a flow created with this epoch saw its
+     * key in services no earlier than the epoch was current (see below). */
+    __u32 epoch = key_epoch_of(ck.daddr, ck.dport);
+    struct ct_value *ct = NULL;
+    __u32 machine = 0;
+    if (!(flags & TCP_FLAG_SYN)) {
+        /* Established fast path, conntrack first: the entry's epoch still being
+         * the bucket's means no services key of the bucket, so not (daddr, dport),
+         * was deleted since the flow began, so the services lookup would hit and
+         * is skipped. Otherwise (or on a miss) the full path below decides. */
+        ct = conntrack.lookup(&ck);
+        if (ct && (__u32)(ct->flags >> CT_EPOCH_SHIFT) == epoch)
+            goto stick;   /* one forward() site for every path: less code */
+    }
+
     /* the service: HTTP services and unknown ports are not in the map */
     struct service_key sk = {.addr = ip->daddr, .port = tcp->dest, .proto = IPPROTO_TCP};
     struct service_value *svc = services.lookup(&sk);
     if (!svc || (svc->flags & SVC_F_VIP_MARKER))
         return pass();
 
-    __u8 flags = tcp_flags(tcp);
     if ((flags & TCP_FLAG_SYN) && (flags & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
         anomaly_inc(ANOM_BAD_FLAGS);
         return drop();
@@ -450,9 +492,8 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
     int new_syn = (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     __u32 svc_id = svc->id;
 
-    struct ct_key ck = {.saddr = ip->saddr, .daddr = ip->daddr,
-                        .sport = tcp->source, .dport = tcp->dest, .proto = IPPROTO_TCP};
-    struct ct_value *ct = conntrack.lookup(&ck);
+    if (flags & TCP_FLAG_SYN)
+        ct = conntrack.lookup(&ck);
     int reuse = 0;
     if (ct && new_syn && (ct->flags & CT_CLOSED)) {
         /* SYN on a closed tuple starts a new flow; one CPU claims the entry.
@@ -464,9 +505,9 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
         ct = NULL;
     }
 
-    __u32 machine = 0;
     if (ct) {
         /* established (or a retransmitted SYN): stick to the flow's machine */
+stick:
         machine = ct->machine;
         touch_flow(ct);
         track_close(ct, flags, CT_FIN_IN);
@@ -480,7 +521,7 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
         if (ss)
             ss->resteered += 1;
     } else {
-        int verdict = new_flow(ctx, tc, cfg, svc, &ck, reuse, payload, &machine);
+        int verdict = new_flow(ctx, tc, cfg, svc, &ck, reuse, payload, epoch, &machine);
         if (verdict >= 0)
             return verdict;
     }
@@ -513,11 +554,19 @@ static __always_inline int edge_core(void *ctx, const int tc)
     }
 
     __u32 zero = 0;
-    struct dp_config *cfg = config.lookup(&zero);
+    struct dp_config *cfg;
+    if (ip->protocol == IPPROTO_IPIP) {
+        cfg = config.lookup(&zero);
+        if (!cfg)
+            return pass();
+        if (ip->daddr == cfg->host_addr)
+            return edge_return(ctx, tc);
+    }
+    if (!maybe_vip(ip->daddr))
+        return pass();   /* certainly not a raw-TCP VIP: no lookup of any other map */
+    cfg = config.lookup(&zero);
     if (!cfg)
         return pass();
-    if (ip->protocol == IPPROTO_IPIP && ip->daddr == cfg->host_addr)
-        return edge_return(ctx, tc);
     return edge_forward(ctx, tc, cfg);
 }
 

@@ -23,6 +23,9 @@
 #ifndef MAX_BACKEND_ENTRIES     /* sum of every service's backend list, both generations */
 #define MAX_BACKEND_ENTRIES 1048576
 #endif
+#ifndef VIP_FILTER_BITS         /* VIP pre-filter bitmap, bits (a power of two >= 64) */
+#define VIP_FILTER_BITS 4194304
+#endif
 #ifndef PIN_DIR                 /* bpffs directory of this instance, a string literal */
 #define PIN_DIR "/sys/fs/bpf/edgeproxy/default"
 #endif
@@ -30,6 +33,12 @@
 /* Fallback scan over a service's backend list when the Maglev pick is full.
  * A bound for the verifier and for the worst-case cost of one SYN. */
 #define MAX_SCAN 64
+
+/* key_epoch slots (a power of two): one u32 per hash(VIP, port) bucket, bumped by
+ * the loader after it deletes a services key of that bucket (edge.bpf.c) */
+#define KEY_EPOCH_SLOTS 65536
+/* ct_value.flags bits 32-63: the key epoch read when the flow was created */
+#define CT_EPOCH_SHIFT 32
 
 #define EP_NSEC_PER_SEC 1000000000ULL
 /* conntrack last_seen_ns is rewritten only when at least this old (edge.bpf.c,

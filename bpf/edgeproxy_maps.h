@@ -12,6 +12,10 @@ BPF_TABLE_PINNED("array", u32, struct dp_config, config, 1, PIN_DIR "/config");
 /* routing: written by the control plane (sync), read by the datapath */
 BPF_TABLE_PINNED("hash", struct service_key, struct service_value, services,
                  2 * MAX_SERVICES, PIN_DIR "/services", BPF_F_NO_PREALLOC);
+/* pre-filter: bit hash(daddr) set for every raw-TCP VIP (false positives only) */
+BPF_TABLE_PINNED("array", u32, u64, vip_filter, VIP_FILTER_BITS / 64, PIN_DIR "/vip_filter");
+/* per hash(VIP, port) bucket: bumped after a services key of it is deleted */
+BPF_TABLE_PINNED("array", u32, u32, key_epoch, KEY_EPOCH_SLOTS, PIN_DIR "/key_epoch");
 BPF_TABLE_PINNED("hash", struct maglev_key, u32, maglev,
                  MAX_MAGLEV_SLOTS, PIN_DIR "/maglev", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct backend_key, struct backend_value, backends,

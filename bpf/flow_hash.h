@@ -25,4 +25,20 @@ static __always_inline __u32 flow_hash(__u32 saddr, __u32 daddr, __u16 sport, __
     return h;
 }
 
+/* Bit of the VIP pre-filter for an address, and key_epoch slot of a (VIP, port):
+ * one multiply and a fold each (these run on every packet; a set bit or a shared
+ * slot only costs a lookup, so full avalanche is not needed). Mirrored by
+ * edgeproxy.bpfmaps.vip_filter_bit / key_epoch_slot. */
+static __always_inline __u32 vip_filter_bit(__u32 daddr)
+{
+    __u32 h = daddr * 0x9e3779b1;
+    return (h ^ (h >> 15)) & (VIP_FILTER_BITS - 1);
+}
+
+static __always_inline __u32 key_epoch_slot(__u32 daddr, __u16 dport)
+{
+    __u32 h = (daddr + (__u32)dport * 0x85ebca6b) * 0x9e3779b1;
+    return (h ^ (h >> 15)) & (KEY_EPOCH_SLOTS - 1);
+}
+
 #endif

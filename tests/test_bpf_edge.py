@@ -110,7 +110,7 @@ def test_syn_is_dnated_and_encapsulated(dp: Dataplane) -> None:
     assert rc == XDP_PASS
     assert out == expected_forward(pkt, "198.18.201.1", 7000)
     ct = ct_of(dp)
-    assert ct is not None and ct.flags == 0
+    assert ct is not None and ct.flags & bm.CT_FLAG_BITS == 0
     c = machine(dp, "echo-1")
     assert (c.opened, c.active, c.packets_in, c.bytes_in) == (1, 1, 1, 0)
     assert dp.read_counters().stats["forwarded"] == 1
@@ -227,7 +227,7 @@ def test_syn_on_closed_tuple_starts_a_new_flow(dp: Dataplane) -> None:
     c = machine(dp, "echo-1")
     assert (c.opened, c.active, c.reset) == (2, 1, 1)
     ct = ct_of(dp)
-    assert ct is not None and ct.flags == 0
+    assert ct is not None and ct.flags & bm.CT_FLAG_BITS == 0
     # a retransmitted SYN of the open flow is not a new flow
     open_flow(dp)
     assert machine(dp, "echo-1").opened == 2
@@ -468,3 +468,106 @@ def test_flows_are_decoded(dp: Dataplane) -> None:
     assert (str(f.client), f.client_port, str(f.vip), f.port) == (CLIENT, 40000, VIP, 7)
     assert (f.app, f.service, f.machine, f.state) == ("echo", "echo-tcp", "echo-1", "open")
     assert 0 <= f.idle < 60
+
+
+def filter_bit_set(dp: Dataplane, addr: str) -> bool:
+    bit = bm.vip_filter_bit(bm.be32(IPv4Address(addr)), bm.vip_filter_bits(dp.config.max_services))
+    word = dp.maps["vip_filter"].lookup(bm.U32(bit >> 6))
+    return word is not None and bool(word.value >> (bit & 63) & 1)
+
+
+def epoch_of(dp: Dataplane, dport: int) -> int:
+    slot = bm.key_epoch_slot(bm.be32(IPv4Address(VIP)), bm.be16(dport))
+    value = dp.maps["key_epoch"].lookup(bm.U32(slot))
+    return int(value.value) if value is not None else 0
+
+
+def test_vip_filter_follows_the_vips(dp: Dataplane) -> None:
+    vip2 = "198.18.200.20"
+    bits = bm.vip_filter_bits(dp.config.max_services)
+    assert bm.vip_filter_bit(bm.be32(IPv4Address(vip2)), bits) != bm.vip_filter_bit(
+        bm.be32(IPv4Address(VIP)), bits)
+    dp.sync([table((M1,)), table((M2,), vip=vip2, service="echo-b")])
+    assert filter_bit_set(dp, VIP) and filter_bit_set(dp, vip2)
+    pkt = client_pkt("S", dst=vip2)
+    assert run(dp, "edge_xdp", pkt) == (XDP_PASS, expected_forward(pkt, "198.18.201.2", 7000))
+    # a restarted loader rebuilds the same filter from the maps
+    other = Dataplane(dp.config)
+    try:
+        other.adopt()
+        assert other._filter_words == dp._filter_words
+    finally:
+        other.close()
+    dp.sync([table((M1,))])
+    assert filter_bit_set(dp, VIP) and not filter_bit_set(dp, vip2)
+    assert run(dp, "edge_xdp", pkt) == (XDP_PASS, pkt)
+    dp.sync([])
+    assert not any(int(v.value) for _, v in dp.maps["vip_filter"].items())
+
+
+def test_vip_filter_false_positive_takes_the_lookup(dp: Dataplane) -> None:
+    dp.sync([table((M1,))])
+    other = "198.19.200.77"  # not a VIP; its bit forced on as if shared with one
+    bit = bm.vip_filter_bit(bm.be32(IPv4Address(other)), bm.vip_filter_bits(dp.config.max_services))
+    dp.maps["vip_filter"].update(bm.U32(bit >> 6), bm.U64(1 << (bit & 63)))
+    cases = [client_pkt("S", dst=other), client_pkt("PA", dst=other, payload=b"x"),
+             raw(Ether(src=CLIENT_MAC, dst=EDGE_MAC) / IP(src=CLIENT, dst=other, flags="MF")
+                 / TCP(dport=7))]
+    for pkt in cases:
+        assert run(dp, "edge_xdp", pkt) == (XDP_PASS, pkt)
+    c = dp.read_counters()
+    assert c.stats["passed"] == len(cases) and sum(c.anomalies.values()) == 0
+    assert list(dp.maps["conntrack"].keys()) == []
+
+
+def test_removed_port_stops_established_flows_and_readding_keeps_them(dp: Dataplane) -> None:
+    dp.sync([table((M1,), ports=(7, 9))])
+    open_flow_9 = client_pkt("S", dport=9)
+    assert run(dp, "edge_xdp", open_flow_9)[0] == XDP_PASS
+    ct = ct_of(dp, dport=9)
+    assert ct is not None and ct.flags >> bm.CT_EPOCH_SHIFT == epoch_of(dp, 9)
+    data = client_pkt("PA", dport=9, seq=1001, ack=5001, payload=b"abc")
+    assert run(dp, "edge_xdp", data) == (XDP_PASS, expected_forward(data, "198.18.201.1", 7000))
+    # port 9 leaves the service: its flows' packets go to the kernel, as before
+    before = epoch_of(dp, 9)
+    dp.sync([table((M1,), ports=(7,))])
+    assert epoch_of(dp, 9) == before + 1
+    assert run(dp, "edge_xdp", data) == (XDP_PASS, data)
+    reply = reply_pkt("A", sport=9, payload=b"xy")
+    assert run(dp, "edge_xdp", reply) == (XDP_PASS, reply)
+    assert dp.read_counters().anomalies["bad_ipip"] == 1
+    # and back: the old flow sticks to its machine through the services lookup
+    dp.sync([table((M2,), ports=(7, 9))])
+    assert run(dp, "edge_xdp", data) == (XDP_PASS, expected_forward(data, "198.18.201.1", 7000))
+    assert run(dp, "edge_xdp", reply) == (XDP_PASS, decapped(reply))
+    c = machine(dp, "echo-1")
+    assert (c.packets_in, c.bytes_in, c.packets_out, c.bytes_out) == (3, 6, 1, 2)
+    # a flow opened now carries the current epoch
+    assert run(dp, "edge_xdp", client_pkt("S", sport=40001, dport=9))[0] == XDP_PASS
+    ct = ct_of(dp, sport=40001, dport=9)
+    assert ct is not None and ct.flags >> bm.CT_EPOCH_SHIFT == epoch_of(dp, 9)
+    assert ct.flags & bm.CT_FLAG_BITS == 0
+
+
+def test_flows_stamped_by_older_programs_take_the_services_lookup(dp: Dataplane) -> None:
+    # load() started every key epoch at 1 (sync only ever adds); older programs stamped 0
+    raw = dp.maps["key_epoch"].lookup_array(bm.KEY_EPOCH_SLOTS)
+    assert min(memoryview(raw).cast("I")) >= 1
+    dp.sync([table((M1,), ports=(7, 9))])
+    assert run(dp, "edge_xdp", client_pkt("S", dport=9))[0] == XDP_PASS
+    key = bm.CtKey(bm.be32(IPv4Address(CLIENT)), bm.be32(IPv4Address(VIP)), bm.be16(40000),
+                   bm.be16(9), 6)
+    ct = dp.maps["conntrack"].lookup(key)
+    assert ct is not None
+    ct.flags = 0  # as an older program wrote it
+    dp.maps["conntrack"].update(key, ct)
+    data = client_pkt("PA", dport=9, seq=1001, ack=5001, payload=b"abc")
+    assert run(dp, "edge_xdp", data) == (XDP_PASS, expected_forward(data, "198.18.201.1", 7000))
+    # its key deleted by an older loader (no epoch bump): the lookup still decides
+    skey = bm.ServiceKey(bm.be32(IPv4Address(VIP)), bm.be16(9), 6)
+    value = dp.maps["services"].lookup(skey)
+    dp.maps["services"].delete(skey)
+    try:
+        assert run(dp, "edge_xdp", data) == (XDP_PASS, data)
+    finally:
+        dp.maps["services"].update(skey, value)  # the loader's cache still has it

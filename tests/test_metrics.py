@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, LabHandle
 from edgeproxy.config import parse_config
+from edgeproxy.counters import MachineRows
 from edgeproxy.dataplane import Counters, DataplaneConfig, MachineCounters, ServiceCounters
 from edgeproxy.metrics import (
     BY_NAME,
@@ -28,6 +30,7 @@ from edgeproxy.metrics import (
     exported_series,
     http_responses_from_exposition,
     parse_listen,
+    render,
 )
 from edgeproxy.proxy.backhaul import BackhaulHealth
 from edgeproxy.proxy.stats import Histogram, ProxySnapshot
@@ -71,7 +74,7 @@ def full_counters() -> Counters:
                           bytes_in=500, packets_out=25, bytes_out=600),
                   machine("echo-ams-1", opened=2, closed=2, bytes_in=10, bytes_out=30)),
         services=(ServiceCounters("echo", "echo-tcp", refused=4, dropped=1, no_backend=5,
-                                  flood=0, resteered=2),),
+                                  flood=1, resteered=2),),
         stats={"packets": 100, "forwarded": 60},
         anomalies={"bad_ip": 3, "fragment": 0},
     )
@@ -90,6 +93,9 @@ def full_snapshot() -> ProxySnapshot:
         response_seconds={"web": hist.cumulative()},
         response_seconds_sum={"web": hist.total},
         backhaul={"198.18.0.22": BackhaulHealth("198.18.0.22", "up", 0.09, 2, 1, 0)},
+        cpu_seconds={"web": 0.25},
+        cpu_throttled={"web": 2},
+        backhaul_refused=1,
     )
 
 
@@ -190,11 +196,15 @@ def test_kernel_counters_get_service_and_region_from_state() -> None:
     key = dict(app="echo", service="echo-tcp", machine="echo-ord-1", region="ord")
     assert value(samples, "edgeproxy_app_tcp_connects_total", **key) == 5
     assert value(samples, "edgeproxy_app_tcp_active", **key) == 1
-    assert value(samples, "edgeproxy_app_tcp_disconnects_total", **key, reason="reset") == 1
-    assert value(samples, "edgeproxy_app_bytes_total", **key, direction="out") == 600
-    assert value(samples, "edgeproxy_app_packets_total", **key, direction="in") == 20
-    assert value(samples, "edgeproxy_app_bytes_total", machine="echo-ams-1", region="ams",
-                 direction="in") == 10
+    assert value(samples, "edgeproxy_app_tcp_connects_total", machine="echo-ams-1",
+                 region="ams") == 2
+    # disconnects, bytes and packets: per service, summed over its machines
+    svc = dict(app="echo", service="echo-tcp")
+    assert value(samples, "edgeproxy_app_tcp_disconnects_total", **svc, reason="reset") == 1
+    assert value(samples, "edgeproxy_app_tcp_disconnects_total", **svc, reason="closed") == 5
+    assert value(samples, "edgeproxy_app_bytes_total", **svc, direction="out") == 630
+    assert value(samples, "edgeproxy_app_bytes_total", **svc, direction="in") == 510
+    assert value(samples, "edgeproxy_app_packets_total", **svc, direction="in") == 20
     assert value(samples, "edgeproxy_app_tcp_refused_total", app="echo",
                  service="echo-tcp") == 4
     assert value(samples, "edgeproxy_bpf_anomalies_total", kind="bad_ip") == 3
@@ -221,6 +231,111 @@ def test_proxy_and_state_series() -> None:
     assert value(samples, "edgeproxy_state_rejected_updates_total") == 2
     assert value(samples, "edgeproxy_state_last_applied_timestamp_seconds") == 1700000000.0
     assert value(samples, "edgeproxy_state_entities", kind="machines") == 3
+
+
+def test_zero_counters_are_left_out_and_a_series_stays_once_it_appeared() -> None:
+    collector, dp, _ = full_collector()
+    first = scrape(collector)
+    key = dict(machine="echo-ams-1", region="ams")
+    # nothing expired: no such series yet
+    assert not [v for lab, v in first["edgeproxy_app_tcp_disconnects_total"]
+                if lab["reason"] == "expired"]
+    assert value(first, "edgeproxy_app_tcp_active", **key) == 0  # gauge: with its machine
+    # an idle machine (all zero) has no series at all
+    dp.counters = replace(full_counters(), machines=(
+        *full_counters().machines, machine("echo-ord-2", app="echo")))
+    second = scrape(collector)
+    assert not [1 for series in second.values() for lab, _ in series
+                if lab.get("machine") == "echo-ord-2"]
+    # its connection closes: active goes back to 0, the counters stay
+    dp.counters = replace(full_counters(), machines=(
+        machine("echo-ord-1", opened=6, closed=5, reset=1),))
+    third = scrape(collector)
+    assert value(third, "edgeproxy_app_tcp_active", machine="echo-ord-1") == 0
+    assert value(third, "edgeproxy_app_tcp_connects_total", machine="echo-ord-1") == 6
+
+
+def test_service_totals_never_go_backwards_when_machines_go() -> None:
+    """A machine removed (or its id reused, or its counters zeroed) leaves what it
+    counted in its service's totals."""
+    collector, dp, _ = full_collector()
+    svc = dict(app="echo", service="echo-tcp")
+
+    def bytes_in() -> float:
+        return value(scrape(collector), "edgeproxy_app_bytes_total", **svc, direction="in")
+
+    def by_id(**rows: MachineCounters) -> MachineRows:  # id name -> its counters
+        r = MachineRows.of(list(rows.values()))
+        ids = np.array([int(k.removeprefix("id")) for k in rows], dtype=np.int64)
+        return MachineRows(ids, r.apps, r.names, r.ports, r.values)
+
+    ord1, ams1 = full_counters().machines
+    dp.counters = replace(full_counters(), machines=by_id(id0=ord1, id1=ams1))
+    assert bytes_in() == 510
+    dp.counters = replace(full_counters(), machines=by_id(id1=ams1))  # echo-ord-1 gone
+    assert bytes_in() == 510
+    dp.counters = replace(full_counters(), machines=by_id(id1=replace(ams1, bytes_in=15)))
+    assert bytes_in() == 515
+    # id 0 handed to a new machine of the same service
+    dp.counters = replace(full_counters(), machines=by_id(
+        id0=machine("echo-ord-9", opened=1, bytes_in=7), id1=replace(ams1, bytes_in=15)))
+    assert bytes_in() == 522
+    # echo-ams-1 zeroed under the same name and id: removed and added again
+    dp.counters = replace(full_counters(), machines=by_id(
+        id0=machine("echo-ord-9", opened=1, bytes_in=7),
+        id1=replace(ams1, opened=1, bytes_in=1)))
+    assert bytes_in() == 523
+
+
+def test_label_text_follows_the_state_and_reused_ids() -> None:
+    """Label text is cached per machine id: a new state (region) or an id handed to
+    another machine must show in the next scrape, and odd characters are escaped."""
+    collector, dp, source = full_collector()
+    scrape(collector)
+    ams1_text = collector._kernel_text.machines.text[1]  # echo-ams-1's, id 1
+    moved = STATE_YAML.replace("{id: echo-ord-1, app: echo, host: worker-ord",
+                               "{id: echo-ord-1, app: echo, host: worker-ams")
+    source.state = parse_yaml(moved, "state.yaml")
+    samples = scrape(collector)
+    assert value(samples, "edgeproxy_app_tcp_connects_total", machine="echo-ord-1") == 5
+    assert [lab["region"] for lab, _ in samples["edgeproxy_app_tcp_connects_total"]
+            if lab["machine"] == "echo-ord-1"] == ["ams"]
+    assert collector._kernel_text.machines.text[1] is ams1_text  # its labels kept: no rebuild
+    odd = 'we"ird\\name\nx'
+    dp.counters = replace(full_counters(), machines=(machine(odd, app="echo", opened=1),
+                                                     *full_counters().machines[1:]))
+    samples = scrape(collector)  # row 0 (id 0) now another machine
+    assert value(samples, "edgeproxy_app_tcp_connects_total", machine=odd) == 1
+    assert not [1 for lab, _ in samples["edgeproxy_app_tcp_connects_total"]
+                if lab["machine"] == "echo-ord-1"]
+
+
+def test_exposition_parses_and_is_prometheus_text() -> None:
+    collector, _, _ = full_collector()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    text = render(registry).decode()
+    assert "\n\n" not in text and text.endswith("\n")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["edgeproxy_app_tcp_connects"].type == "counter"
+    assert families["edgeproxy_app_tcp_active"].type == "gauge"
+    assert text.count("# TYPE edgeproxy_app_bytes_total counter\n") == 1
+    # the same samples as prometheus-client's own exposition of the collector
+    def parsed(exposition: str) -> set[tuple[str, frozenset[tuple[str, str]], float]]:
+        return {(s.name, frozenset(s.labels.items()), s.value)
+                for f in text_string_to_metric_families(exposition) for s in f.samples}
+
+    assert parsed(text) == parsed(generate_latest(registry).decode())
+
+
+def test_counter_rows_in_columns_read_back_as_objects() -> None:
+    machines = full_counters().machines
+    rows = MachineRows.of(machines)
+    assert list(rows) == list(machines) and rows[1] == machines[1] and len(rows) == 2
+    assert rows.values.dtype == np.uint64 and list(rows.busy()) == list(machines)
+    idle = MachineRows.of([*machines, machine("echo-ord-3")])
+    assert [m.machine for m in idle.busy()] == ["echo-ord-1", "echo-ams-1"]
+    assert Counters(machines=rows).machine("echo-ams-1") == machines[1]
 
 
 def test_every_scrape_reads_the_sources_again() -> None:

@@ -41,6 +41,11 @@ WF_FIN_IN = 1
 WF_FIN_OUT = 2
 WF_RST = 4
 
+#: key_epoch slots, and where a flow's key epoch sits in ct_value.flags
+KEY_EPOCH_SLOTS = 65536
+CT_EPOCH_SHIFT = 32
+CT_FLAG_BITS = (1 << CT_EPOCH_SHIFT) - 1  # the CT_* part of ct_value.flags
+
 SWEEP_KEPT = 0
 SWEEP_EXPIRED = 1
 SWEEP_REMOVED = 2
@@ -85,6 +90,8 @@ C_CONSTANTS: dict[str, int] = {
     "WF_FIN_IN": WF_FIN_IN,
     "WF_FIN_OUT": WF_FIN_OUT,
     "WF_RST": WF_RST,
+    "KEY_EPOCH_SLOTS": KEY_EPOCH_SLOTS,
+    "CT_EPOCH_SHIFT": CT_EPOCH_SHIFT,
     "SWEEP_KEPT": SWEEP_KEPT,
     "SWEEP_EXPIRED": SWEEP_EXPIRED,
     "SWEEP_REMOVED": SWEEP_REMOVED,
@@ -231,6 +238,8 @@ EDGE_MAPS: dict[str, tuple[type[Any], type[Any], bool]] = {
     "machines": (U32, MachineValue, False),
     "machine_labels": (U32, Label, False),
     "service_labels": (U32, Label, False),
+    "vip_filter": (U32, U64, False),
+    "key_epoch": (U32, U32, False),
     "conntrack": (CtKey, CtValue, False),
     "machine_active": (U32, U64, False),
     "machine_stats": (U32, MachineStats, True),
@@ -246,17 +255,37 @@ WORKER_MAPS: dict[str, tuple[type[Any], type[Any], bool]] = {
 }
 
 
+def _mix(h: int) -> int:
+    """Mirror of hash_mix() in bpf/flow_hash.h (murmur3 finaliser)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
+
+
+def vip_filter_bits(max_services: int) -> int:
+    """Bits of the VIP pre-filter (cflag VIP_FILTER_BITS): a power of two, 16 per
+    possible service (a VIP per service at most), so at most ~6% of the bits are set."""
+    return max(64, 1 << (16 * max(1, max_services) - 1).bit_length())
+
+
+def vip_filter_bit(addr: int, bits: int) -> int:
+    """Mirror of vip_filter_bit() in bpf/flow_hash.h; addr as stored (be32)."""
+    h = (addr * 0x9E3779B1) & 0xFFFFFFFF
+    return (h ^ (h >> 15)) & (bits - 1)
+
+
+def key_epoch_slot(addr: int, port: int) -> int:
+    """Mirror of key_epoch_slot() in bpf/flow_hash.h; addr/port as stored (be32/be16)."""
+    h = (((addr + port * 0x85EBCA6B) & 0xFFFFFFFF) * 0x9E3779B1) & 0xFFFFFFFF
+    return (h ^ (h >> 15)) & (KEY_EPOCH_SLOTS - 1)
+
+
 def flow_hash(saddr: int, daddr: int, sport: int, dport: int) -> int:
     """Mirror of flow_hash() in bpf/flow_hash.h; arguments as stored (be32/be16)."""
-
-    def mix(h: int) -> int:
-        h ^= h >> 16
-        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-        h ^= h >> 13
-        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-        h ^= h >> 16
-        return h
-
+    mix = _mix
     h = mix(0x9E3779B9 ^ saddr)
     h = mix(h ^ daddr)
     return mix(h ^ (((sport << 16) | dport) & 0xFFFFFFFF))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-import operator
 import os
 import shutil
 import struct
@@ -20,13 +19,16 @@ import time
 from array import array
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
 
 from . import bpfmaps as bm
-from . import maglev
+from . import counters, maglev
+from .counters import Counters as Counters  # re-exported: the reader's types
+from .counters import MachineCounters as MachineCounters
+from .counters import ServiceCounters as ServiceCounters
 from .routing import Backend, ServiceTable
 
 PIN_ROOT = Path("/sys/fs/bpf/edgeproxy")
@@ -65,55 +67,6 @@ class DataplaneConfig:
     @property
     def pin_dir(self) -> Path:
         return self.pin_root / self.instance
-
-
-@dataclass(frozen=True, slots=True)
-class MachineCounters:
-    app: str
-    machine: str
-    port: int
-    opened: int
-    active: int
-    closed: int
-    reset: int
-    expired: int
-    packets_in: int
-    bytes_in: int  # TCP payload bytes client -> machine
-    packets_out: int
-    bytes_out: int  # TCP payload bytes machine -> client
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceCounters:
-    app: str
-    service: str
-    refused: int
-    dropped: int
-    no_backend: int
-    flood: int
-    resteered: int
-
-
-@dataclass(frozen=True, slots=True)
-class Counters:
-    machines: tuple[MachineCounters, ...] = ()
-    services: tuple[ServiceCounters, ...] = ()
-    stats: dict[str, int] = field(default_factory=dict)  # edge_stats or worker_stats
-    anomalies: dict[str, int] = field(default_factory=dict)
-    # (machine ids, service ids) in use; ``machines``/``services`` may leave idle ones out
-    in_use: tuple[int, int] | None = None
-
-    def machine(self, name: str) -> MachineCounters | None:
-        """The counters of one machine, summed over its internal ports."""
-        rows = [m for m in self.machines if m.machine == name]
-        if not rows:
-            return None
-        sums = [sum(getattr(r, f) for r in rows) for f in _COUNTER_FIELDS]
-        return MachineCounters(rows[0].app, name, rows[0].port, *sums)
-
-
-_COUNTER_FIELDS = ("opened", "active", "closed", "reset", "expired",
-                   "packets_in", "bytes_in", "packets_out", "bytes_out")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +113,7 @@ _MARKER_VALUE = _SVC.pack(0xFFFFFFFF, 0, 0, 0, 0, bm.SVC_F_VIP_MARKER)
 _ZERO_MACHINE_STATS = bytes(ct.sizeof(bm.MachineStats))
 _ZERO_SERVICE_STATS = bytes(ct.sizeof(bm.ServiceStats))
 _ZERO_U64 = bytes(8)
+_U64 = struct.Struct("<Q")
 _EMPTY_LABEL = bytes(ct.sizeof(bm.Label))
 _EMPTY_MACHINE = bytes(ct.sizeof(bm.MachineValue))
 _IN_USE = bm.MACHINE_F_IN_USE.to_bytes(2, "little") + bytes(4)
@@ -385,6 +339,10 @@ class Dataplane:
         # id -> (app, machine name, packed MachineValue), in lists indexed by id
         self._machines = _MachineTable()
         self._markers: dict[bytes, int] = {}  # VIP (packed) -> service entries on it
+        # the VIP pre-filter as written: word -> value, and bit -> VIPs (markers) on it
+        self._filter_bits = bm.vip_filter_bits(config.max_services)
+        self._filter_words: dict[int, int] = {}
+        self._filter_refs: dict[int, int] = {}
         self._mrefs = array("i")  # machine id -> backend entries naming it
         self._unreferenced: set[int] = set()  # machine ids nothing names (maybe draining)
         self._free_sids: list[int] = []  # freed service ids, reused first
@@ -404,6 +362,7 @@ class Dataplane:
             f"-DMAX_FLOWS={c.max_flows}",
             f"-DMAX_MAGLEV_SLOTS={c.max_maglev_slots}",
             f"-DMAX_BACKEND_ENTRIES={c.max_backend_entries}",
+            f"-DVIP_FILTER_BITS={bm.vip_filter_bits(c.max_services)}",
             "-Wno-unused-function",
         ]
 
@@ -431,6 +390,9 @@ class Dataplane:
             bm.obj_pin(fn.fd, pin)
         self.adopt()
         self._write_config()
+        if c.role == "edge":
+            self._write_vip_filter()  # before attaching: a new map starts empty
+            self._start_key_epochs()
         ingress = ("edge_xdp", "edge_tc") if c.role == "edge" else (
             "worker_ingress", "worker_ingress_tc")
         with netns(c.netns):
@@ -567,6 +529,10 @@ class Dataplane:
                 self._services[name] = svc
             for key in svc.keys:
                 self._markers[key[:4]] = self._markers.get(key[:4], 0) + 1
+        self._filter_words.clear()
+        self._filter_refs.clear()
+        for addr in self._markers:
+            self._filter_ref(addr, 1)
         machines, mlabels = self.maps["machines"], self.maps["machine_labels"]
         size = ct.sizeof(bm.MachineValue)
         raw = machines.lookup_array(self.config.max_machines)  # one batch, not 1M lookups
@@ -654,6 +620,65 @@ class Dataplane:
             else:
                 self._unreferenced.add(mid)
 
+    def _filter_ref(self, addr: bytes, delta: int) -> int:
+        """Count one VIP more or less on its pre-filter bit; returns the bit's word."""
+        bit = bm.vip_filter_bit(int.from_bytes(addr, "little"), self._filter_bits)
+        word = bit >> 6
+        n = self._filter_refs.get(bit, 0) + delta
+        if n > 0:
+            self._filter_refs[bit] = n
+            self._filter_words[word] = self._filter_words.get(word, 0) | 1 << (bit & 63)
+        else:
+            self._filter_refs.pop(bit, None)
+            value = self._filter_words.get(word, 0) & ~(1 << (bit & 63))
+            if value:
+                self._filter_words[word] = value
+            else:
+                self._filter_words.pop(word, None)
+        return word
+
+    def _write_vip_filter(self, words: Iterable[int] | None = None,
+                          keep: dict[int, int] | None = None) -> None:
+        """Write pre-filter words from the cache (all of them when ``words`` is None),
+        OR-ing in ``keep`` (word -> bits still needed until a later write clears them)."""
+        if words is None:
+            words = range(self._filter_bits // 64)
+        keep = keep or {}
+        keys, values = bytearray(), bytearray()
+        for word in words:
+            keys += _u32(word)
+            values += _U64.pack(self._filter_words.get(word, 0) | keep.get(word, 0))
+        self.maps["vip_filter"].update_batch(keys, values)
+
+    def _start_key_epochs(self) -> None:
+        """A key_epoch map that is all zero is new (first load, or an upgrade from
+        programs without it): start every slot at 1, so flows stamped 0 by older
+        programs, whose keys may have been deleted unseen, take the services lookup."""
+        epochs = self.maps["key_epoch"]
+        if any(epochs.lookup_array(bm.KEY_EPOCH_SLOTS)):
+            return
+        keys = b"".join(_u32(i) for i in range(bm.KEY_EPOCH_SLOTS))
+        epochs.update_batch(keys, _u32(1) * bm.KEY_EPOCH_SLOTS)
+
+    def _bump_epochs(self, deleted: Iterable[bytes], ops: _Writes) -> None:
+        """Queue key_epoch + 1 for the bucket of every deleted services key: flows
+        that began before see a different epoch and take the services lookup again."""
+        slots = {bm.key_epoch_slot(int.from_bytes(k[:4], "little"),
+                                   int.from_bytes(k[4:6], "little")) for k in deleted}
+        if not slots:
+            return
+        epochs = self.maps["key_epoch"]
+        if len(slots) > 256:  # one batch read instead of a lookup per slot
+            raw = epochs.lookup_array(bm.KEY_EPOCH_SLOTS)
+            current = {slot: _U32.unpack_from(raw, slot * 4)[0] for slot in slots}
+        else:
+            current = {}
+            for slot in slots:
+                cur = epochs.lookup(bm.U32(slot))
+                current[slot] = int(cur.value) if cur is not None else 0
+        for slot in sorted(slots):
+            ops.put("key_epoch", _u32(slot), _u32((current[slot] + 1) & 0xFFFFFFFF))
+
     def _marker(self, addr: bytes, delta: int, touched: dict[bytes, bool]) -> None:
         """Count the (service, port) entries on a VIP; ``touched`` remembers whether
         each VIP had its (vip, 0) marker before this sync, to write the difference."""
@@ -723,17 +748,33 @@ class Dataplane:
             self._ref(cur.backends, -1)
             dead_ids.append(cur.id)
             removed_n += 1
+        # VIP pre-filter: a new VIP's bit is set before its marker and ports exist,
+        # a gone VIP's bit cleared after they are deleted (never a false negative)
+        filter_set: set[int] = set()
+        filter_clear: dict[int, int] = {}  # word -> bits of gone VIPs, kept until the end
         for addr, had in w.markers.items():
             has = addr in self._markers
             if has and not had:  # a new VIP is known as ours before its ports are
+                filter_set.add(self._filter_ref(addr, 1))
                 phase0.put("services", addr + _MARKER_SUFFIX, _MARKER_VALUE)
             elif had and not has:
+                bit = bm.vip_filter_bit(int.from_bytes(addr, "little"), self._filter_bits)
+                word = self._filter_ref(addr, -1)
+                filter_clear[word] = filter_clear.get(word, 0) | 1 << (bit & 63)
                 phase4.delete("services", addr + _MARKER_SUFFIX)
-        for key in sorted(w.stale - w.flipped):  # a key another service took is kept
+        deleted = sorted(w.stale - w.flipped)  # a key another service took is kept
+        for key in deleted:
             phase3.delete("services", key)
+        # after the deletes (phase 4 flushes after phase 3): a flow created from an
+        # epoch read after the bump read it after its key was gone
+        self._bump_epochs(deleted, phase4)
 
+        if filter_set:  # a word shared with a gone VIP keeps its bit for now
+            self._write_vip_filter(sorted(filter_set), filter_clear)
         for ops in (phase0, phase1, phase2, phase3, phase4):
             ops.flush(self.maps)
+        if filter_clear:
+            self._write_vip_filter(sorted(filter_clear))
         self._free_sids.extend(reversed(dead_ids))
         freed = self._free_unreferenced()
         if not self._services and len(self._free_sids) == self._next_sid:
@@ -822,85 +863,19 @@ class Dataplane:
     # ------------------------------------------------------------- reading
 
     def _sum(self, name: str, key: int) -> Any:
-        rows = self.maps[name].lookup_percpu(bm.U32(key))
-        if not rows:
-            return None
-        if isinstance(rows[0], bm.U64):
-            return sum(r.value for r in rows)
-        total = type(rows[0])()
-        for f, _ in total._fields_:
-            setattr(total, f, sum(getattr(r, f) for r in rows))
-        return total
-
-    def _sums(self, name: str, ids: list[int], skip_idle: bool) -> dict[int, tuple[int, ...]]:
-        """Each id's value of an array map, every u64 field summed over CPUs.
-
-        One batch read for ids 0..max (``BpfMap.lookup_array``). An all-zero entry
-        is found with ``startswith`` on the raw buffer (no copy, no decoding) and left
-        out when ``skip_idle``, so the cost follows the ids with traffic; the others
-        are decoded with ``struct.unpack_from`` per CPU copy.
-        """
-        m = self.maps[name]
-        count = ids[-1] + 1 if ids else 0
-        raw = m.lookup_array(count)
-        stride = m.value_stride
-        per_cpu = stride // (bm.possible_cpus() if m.percpu else 1)
-        fmt = struct.Struct(f"<{ct.sizeof(m.value_type) // 8}Q")
-        zero_entry, zero = bytes(stride), (0,) * (fmt.size // 8)
-        out: dict[int, tuple[int, ...]] = {}
-        for i in ids:
-            off = i * stride
-            if raw.startswith(zero_entry, off):
-                if not skip_idle:
-                    out[i] = zero
-                continue
-            values = fmt.unpack_from(raw, off)
-            for cpu_off in range(off + per_cpu, off + stride, per_cpu):
-                values = tuple(map(operator.add, values, fmt.unpack_from(raw, cpu_off)))
-            out[i] = values
-        return out
+        return counters.sum_one(self.maps[name], key)
 
     def read_counters(self, *, skip_idle: bool = False) -> Counters:
-        """Every counter, summed over CPUs, with ids decoded into names.
+        """Every counter, summed over CPUs, with ids decoded into names (``counters``).
 
         ``skip_idle``: leave out machines and services whose counters are all zero
         (no traffic since their id was assigned), as the metrics collector does.
-        Reads are one batch syscall per map and 65,536 ids (``BpfMap.lookup_array``),
-        so a scrape at 600,000 machines costs a few syscalls, not a million.
+        Reads are one batch syscall per map and 65,536 ids (``BpfMap.lookup_array``)
+        summed over CPUs by numpy; rows come back in columns (``MachineRows``).
         """
         if self.config.role == "worker":
-            stats = {n: self._sum("worker_stats", i) or 0 for i, n in enumerate(bm.WORKER_STATS)}
-            return Counters(stats=stats)
-        entries = self._machines
-        ids = sorted(entries)
-        fields = [f[0] for f in bm.MachineStats._fields_]
-        stats_of = self._sums("machine_stats", ids, skip_idle)
-        active_of = self._sums("machine_active", ids, skip_idle)
-        zero = (0,) * len(fields)
-        machines = []
-        for mid in sorted(stats_of.keys() | active_of.keys()) if skip_idle else ids:
-            app, name, mv = entries[mid]
-            s = dict(zip(fields, stats_of.get(mid, zero), strict=True))
-            machines.append(MachineCounters(
-                app, name, _port_of(mv), s["opened"], active_of.get(mid, (0,))[0],
-                s["closed"], s["reset"], s["expired"], s["packets_in"], s["bytes_in"],
-                s["packets_out"], s["bytes_out"]))
-        services = []
-        by_name = sorted(self._services.items())
-        sfields = [f[0] for f in bm.ServiceStats._fields_]
-        sums = self._sums("service_stats", sorted(svc.id for _, svc in by_name), skip_idle)
-        szero = (0,) * len(sfields)
-        for sid, svc in by_name:
-            values = sums.get(svc.id)
-            if values is None and skip_idle:
-                continue
-            v = dict(zip(sfields, values or szero, strict=True))
-            services.append(ServiceCounters(svc.app, sid, v["refused"], v["dropped"],
-                                            v["no_backend"], v["flood"], v["resteered"]))
-        stats = {n: self._sum("edge_stats", i) or 0 for i, n in enumerate(bm.EDGE_STATS)}
-        anomalies = {n: self._sum("anomalies", i) or 0 for i, n in enumerate(bm.ANOMALIES)}
-        return Counters(tuple(machines), tuple(services), stats, anomalies,
-                        (len(entries), len(by_name)))
+            return counters.read_worker(self.maps)
+        return counters.read_edge(self.maps, self._machines, self._services, skip_idle)
 
     def flows(self) -> list[Flow]:
         """The conntrack table, decoded (edge role)."""

@@ -391,6 +391,14 @@ def _decode_conntrack(k: Any, v: Any, n: Names) -> Row:
             "flags": _flag_names(int(v.flags), CT_FLAGS), "last_seen_ns": int(v.last_seen_ns)}
 
 
+def _decode_vip_filter(k: Any, v: Any, n: Names) -> Row:
+    return {"word": int(k.value), "bits": f"{int(v.value):016x}"}
+
+
+def _decode_key_epoch(k: Any, v: Any, n: Names) -> Row:
+    return {"slot": int(k.value), "epoch": int(v.value)}
+
+
 def _decode_machine_active(k: Any, v: Any, n: Names) -> Row:
     app, machine = n.machine(k.value)
     return {"id": int(k.value), "app": app, "machine": machine, "active": int(v.value)}
@@ -443,6 +451,8 @@ DECODERS: Mapping[str, Decoder] = {
     "machine_labels": _decode_labels,
     "service_labels": _decode_labels,
     "conntrack": _decode_conntrack,
+    "vip_filter": _decode_vip_filter,
+    "key_epoch": _decode_key_epoch,
     "machine_active": _decode_machine_active,
     "machine_stats": _decode_machine_stats,
     "service_stats": _decode_service_stats,
@@ -454,7 +464,7 @@ DECODERS: Mapping[str, Decoder] = {
 }
 #: arrays whose all-zero entries mean "unused" and are left out of a dump
 SPARSE_ARRAYS = frozenset({"machines", "machine_labels", "service_labels", "machine_active",
-                           "machine_stats", "service_stats"})
+                           "machine_stats", "service_stats", "vip_filter", "key_epoch"})
 
 
 def dump_map(maps: Mapping[str, bm.BpfMap], name: str, *, app: str | None = None,

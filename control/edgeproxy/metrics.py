@@ -5,7 +5,8 @@ family in it from the sources of truth, read when Prometheus scrapes (the
 prometheus-client custom-collector way; nothing copies counters on a timer):
 
 - the kernel counters through ``Dataplane.read_counters()`` (per-CPU values are
-  summed there, ids decoded into app and machine names),
+  summed there, ids decoded into app and machine names; rows come in columns,
+  rendered by ``KernelText`` with each machine's label text cached by id),
 - the HTTP proxy's ``snapshot()``,
 - the state source (``current()``, ``rejected``) for versions and for the
   ``service`` and ``region`` labels of kernel counters, which only know app,
@@ -22,7 +23,6 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-import operator
 import re
 import socket
 import threading
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from wsgiref.simple_server import make_server
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -41,15 +43,16 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
+from .counters import COUNTER_FIELDS, SERVICE_FIELDS, MachineRows, ServiceRows, U64s, objects
 from .proxy.stats import ProxySnapshot
 from .state import ClusterState
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from .dataplane import Counters, DataplaneConfig
+    from .counters import Counters
+    from .dataplane import DataplaneConfig
 
 log = logging.getLogger("edgeproxy.metrics")
 
@@ -82,21 +85,23 @@ def _m(name: str, kind: Kind, help: str, *labels: str) -> MetricSpec:
 
 #: Every metric the daemon exports. Nothing else may name one.
 METRICS: tuple[MetricSpec, ...] = (
-    # kernel fast path, per machine (raw TCP)
+    # kernel fast path, per machine (raw TCP): series appear with a machine's first
+    # connection and stay while it exists (docs/DESIGN.md,
+    # "Metrics: what a scrape writes")
     _m("edgeproxy_app_tcp_connects_total", "counter",
        "TCP connections the fast path opened to the machine", *MACHINE_LABELS),
     _m("edgeproxy_app_tcp_disconnects_total", "counter",
        "TCP connections that ended: both FINs (closed), a RST (reset) or the idle sweep "
-       "(expired)", *MACHINE_LABELS, "reason"),
+       "(expired); summed over the service's machines", *SERVICE_LABELS, "reason"),
     _m("edgeproxy_app_tcp_active", "gauge",
        "Live TCP connections on the machine", *MACHINE_LABELS),
     _m("edgeproxy_app_bytes_total", "counter",
-       "TCP payload bytes; in = client to machine, out = machine to client",
-       *MACHINE_LABELS, "direction"),
+       "TCP payload bytes; in = client to machine, out = machine to client; summed over "
+       "the service's machines", *SERVICE_LABELS, "direction"),
     _m("edgeproxy_app_packets_total", "counter",
-       "TCP packets; in = client to machine, out = machine to client",
-       *MACHINE_LABELS, "direction"),
-    # kernel fast path, per service
+       "TCP packets; in = client to machine, out = machine to client; summed over the "
+       "service's machines", *SERVICE_LABELS, "direction"),
+    # kernel fast path, per service (the disconnects, bytes and packets above too)
     _m("edgeproxy_app_tcp_refused_total", "counter",
        "New TCP connections answered with RST: no machine had capacity", *SERVICE_LABELS),
     _m("edgeproxy_app_tcp_dropped_total", "counter",
@@ -119,6 +124,12 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("edgeproxy_app_queue_depth", "gauge", "Requests waiting for a slot", "app"),
     _m("edgeproxy_retries_total", "counter", "Requests sent to another machine", "app"),
     _m("edgeproxy_replays_total", "counter", "Requests replayed on Edgeproxy-Replay", "app"),
+    _m("edgeproxy_app_cpu_seconds_total", "counter",
+       "CPU time the proxy spent on the app's requests (proxy/cpushare.py)", "app"),
+    _m("edgeproxy_app_cpu_throttled_total", "counter",
+       "Requests answered 503 because the app stayed over its CPU budget", "app"),
+    _m("edgeproxy_backhaul_refused_total", "counter",
+       "Backhaul connections a worker closed: they came from no edge's address"),
     _m("edgeproxy_backhaul_up", "gauge",
        "Whether the backhaul connection to the worker is up (1) or not (0)", *BACKHAUL_LABELS),
     _m("edgeproxy_backhaul_rtt_seconds", "gauge",
@@ -190,15 +201,38 @@ class StateLabels:
     def of(cls, state: ClusterState | None) -> StateLabels:
         if state is None:
             return cls({}, {}, {})
-        regions = {
-            m.id: state.hosts[m.host].region if m.host in state.hosts else ""
-            for m in state.machines.values()
-        }
         services: dict[tuple[str, int], str] = {}
-        for s in sorted(state.services.values(), key=lambda s: s.id):
-            services.setdefault((s.app, s.internal_port), s.id)
+        for s in state.services.values():  # the smallest id where two share a port
+            key = (s.app, s.internal_port)
+            if s.id < services.get(key, "\U0010ffff"):
+                services[key] = s.id
         workers = {str(h.address): (h.id, h.region) for h in state.hosts.values()}
-        return cls(regions, services, workers)
+        return cls(_RegionOfMachine(state), services, workers)
+
+
+class _RegionOfMachine(Mapping[str, str]):
+    """machine id -> its host's region, looked up when asked: a scrape needs the
+    regions of the machines whose label text it (re)builds, not a 600k-entry dict
+    built at every state change."""
+
+    __slots__ = ("_hosts", "_machines")
+
+    def __init__(self, state: ClusterState) -> None:
+        self._machines = state.machines
+        self._hosts = {h.id: h.region for h in state.hosts.values()}
+
+    def __getitem__(self, machine: str) -> str:
+        return self._hosts.get(self._machines[machine].host, "")
+
+    def get(self, machine: str, default: Any = None) -> Any:
+        m = self._machines.get(machine)
+        return default if m is None else self._hosts.get(m.host, "")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._machines)
+
+    def __len__(self) -> int:
+        return len(self._machines)
 
 
 class EdgeproxyCollector(Collector):
@@ -219,6 +253,8 @@ class EdgeproxyCollector(Collector):
         self.last_applied = last_applied
         self.loop = loop  # the proxy's event loop: its snapshot is taken there
         self._labels_for: tuple[ClusterState | None, StateLabels] = (None, StateLabels.of(None))
+        self._kernel_text = KernelText()  # label text per machine, kept between scrapes
+        self._kernel_lock = threading.Lock()
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # families vary with the sources; skip the registration-time collect
@@ -262,7 +298,8 @@ class EdgeproxyCollector(Collector):
         counters = read_counters_retrying(self.dataplane)
         _add(f, "edgeproxy_bpf_up", (), 0 if counters is None else 1)
         if counters is not None:
-            add_kernel(f, counters, self.dataplane.config, labels)
+            with self._kernel_lock:  # two scrapes at once share the label cache
+                add_kernel(f, counters, self.dataplane.config, labels, self._kernel_text)
 
     def _snapshot(self, proxy: SnapshotSource) -> ProxySnapshot:
         loop = self.loop
@@ -311,8 +348,8 @@ def read_counters_retrying(dataplane: CounterSource) -> Counters | None:
 
 
 def _family(spec: MetricSpec) -> Metric:
-    if spec.name in _TEXT_FAMILIES:
-        return TextFamily(spec, _TEXT_FAMILIES[spec.name])
+    if spec.name in KERNEL_FAMILIES:
+        return TextFamily(spec)
     if spec.kind == "counter":
         return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
     if spec.kind == "gauge":
@@ -327,53 +364,40 @@ def _add(f: Mapping[str, Metric], name: str, labels: tuple[str, ...], value: flo
 
 
 class TextFamily(Metric):
-    """A kernel family with a sample per machine (or service), rendered straight to text.
+    """A kernel family with a sample per machine (or service), already rendered.
 
-    At 200k apps these run to hundreds of thousands of samples, and prometheus-client's
-    exposition spends several microseconds on each (a Sample, a label dict, escaping
-    every value every time). Here every family of one kind shares one list of rows
-    (label text escaped once per machine, the counters object), and ``render`` writes
-    a line per (row, part) with one f-string. ``samples`` still builds the usual
-    Sample list on demand, so ``generate_latest`` and tests read it like any family.
+    At 200k apps these run to millions of samples; prometheus-client spends several
+    microseconds on each (a Sample, a label dict, escaping every value every time).
+    ``KernelText`` writes their lines straight into ``text`` (each line *starting*
+    with its newline); ``render`` adds the HELP and TYPE lines. ``samples`` parses
+    the text back on demand, so ``generate_latest`` and tests read it like any family.
     """
 
-    def __init__(self, spec: MetricSpec, parts: tuple[tuple[str, str, str], ...]) -> None:
-        super().__init__(spec.name, spec.help, spec.kind)
-        self.sample_name = spec.name  # counters keep their _total on the wire
-        self.label_names = spec.labels
-        self.parts = parts  # (extra label name, its value, counters field); "" if none
-        self.rows: list[tuple[str, tuple[str, ...], Any]] = []  # shared between families
-        self._plain: list[Any] = []
+    def __init__(self, spec: MetricSpec) -> None:
+        name = spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name
+        super().__init__(name, spec.help, spec.kind)
+        self.spec = spec
+        wire = spec.name
+        # the HELP and TYPE lines, then pieces of "\nname{labels} value" lines
+        self.text: list[str] = [f"# HELP {wire} {_escape_help(spec.help)}\n"
+                                f"# TYPE {wire} {spec.kind}"]
 
     @property
     def samples(self) -> list[Any]:
-        out = list(self._plain)
-        for label, extra, attr in self.parts:
-            for _, base, counters in self.rows:
-                values = (*base, extra) if label else base
-                out.append(Sample(self.sample_name,
-                                  dict(zip(self.label_names, values, strict=True)),
-                                  getattr(counters, attr)))
-        return out
+        return [s for family in text_string_to_metric_families(self.render().decode())
+                for s in family.samples]
 
     @samples.setter
     def samples(self, value: list[Any]) -> None:
-        self._plain = value
+        pass  # Metric.__init__ sets an empty list; the samples are the text
 
-    def render(self) -> str:
-        wire = self.sample_name
-        out = [f"# HELP {wire} {_escape_help(self.documentation)}\n# TYPE {wire} {self.type}\n"]
-        out += self.render_plain()
-        for label, extra, attr in self.parts:
-            head = self.sample_name + "{"
-            tail = (f',{label}="{extra}"' if label else "") + "} "
-            get = operator.attrgetter(attr)
-            out += [f"{head}{text}{tail}{get(c)}\n" for text, _, c in self.rows]
-        return "".join(out)
-
-    def render_plain(self) -> list[str]:
-        return [f"{s.name}{{{_label_text(tuple(s.labels), tuple(s.labels.values()))}}} "
-                f"{float(s.value)!r}\n" for s in self._plain]
+    def render(self) -> bytes:
+        """The family's text: one join of every piece, one encode."""
+        self.text.append("\n")
+        try:
+            return "".join(self.text).encode()
+        finally:
+            self.text.pop()
 
 
 def _escape_help(text: str) -> str:
@@ -392,16 +416,16 @@ def _label_text(names: tuple[str, ...], values: tuple[str, ...]) -> str:
 _SPECIAL = re.compile(r'[\\\n"]')
 
 
+def render_chunks(registry: Collector) -> list[bytes]:
+    """The text exposition of everything ``registry`` collects, a chunk per family:
+    ``TextFamily`` families written directly, the rest by prometheus-client. The
+    endpoint sends the chunks as they are (no copy of a body that can be 100s of MB)."""
+    return [metric.render() if isinstance(metric, TextFamily)
+            else generate_latest(_One(metric)) for metric in registry.collect()]
+
+
 def render(registry: Collector) -> bytes:
-    """The text exposition of everything ``registry`` collects: ``TextFamily``
-    families written directly, the rest by prometheus-client."""
-    parts: list[bytes] = []
-    for metric in registry.collect():
-        if isinstance(metric, TextFamily):
-            parts.append(metric.render().encode())
-        else:
-            parts.append(generate_latest(_One(metric)))
-    return b"".join(parts)
+    return b"".join(render_chunks(registry))
 
 
 class _One:
@@ -412,8 +436,10 @@ class _One:
         return [self.metric]
 
 
-#: per-machine and per-service kernel families: (extra label, its value, field) per part
-_TEXT_FAMILIES: dict[str, tuple[tuple[str, str, str], ...]] = {
+#: per-machine and per-service kernel families: (extra label, its value, column) per
+#: part. Columns are ``counters.COUNTER_FIELDS`` (machine families, and the service
+#: totals of machine counters) or ``counters.SERVICE_FIELDS`` (service families).
+KERNEL_FAMILIES: dict[str, tuple[tuple[str, str, str], ...]] = {
     "edgeproxy_app_tcp_connects_total": (("", "", "opened"),),
     "edgeproxy_app_tcp_active": (("", "", "active"),),
     "edgeproxy_app_tcp_disconnects_total": (("reason", "closed", "closed"),
@@ -429,41 +455,239 @@ _TEXT_FAMILIES: dict[str, tuple[tuple[str, str, str], ...]] = {
     "edgeproxy_app_tcp_flood_total": (("", "", "flood"),),
     "edgeproxy_app_tcp_resteered_total": (("", "", "resteered"),),
 }
+#: machine counters exported per service (summed over its machines), not per machine
+TOTALS = ("closed", "reset", "expired", "packets_in", "bytes_in", "packets_out", "bytes_out")
+_TOTAL_COLUMNS = [COUNTER_FIELDS.index(c) for c in TOTALS]
+
+
+class _TextCache:
+    """The label text of each service id, kept across scrapes (rebuilt when the
+    id's app or name changed: an id freed and reused)."""
+
+    def __init__(self) -> None:
+        self.app: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.name: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.text: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+
+    def texts(self, s: ServiceRows) -> npt.NDArray[np.object_]:
+        ids = s.ids
+        if not len(ids):
+            return np.empty(0, dtype=object)
+        need = int(ids.max()) + 1
+        if need > len(self.text):
+            size = max(need, 2 * len(self.text))
+            self.app, self.name, self.text = (_grown(a, size) for a in
+                                              (self.app, self.name, self.text))
+        stale = np.flatnonzero((self.app[ids] != s.apps) | (self.name[ids] != s.names))
+        if len(stale):
+            sids = ids[stale]
+            self.app[sids], self.name[sids] = s.apps[stale], s.names[stale]
+            self.text[sids] = _label_texts(SERVICE_LABELS, s.apps[stale].tolist(),
+                                           s.names[stale].tolist())
+        out: npt.NDArray[np.object_] = self.text[ids]
+        return out
+
+
+def _label_texts(names: tuple[str, ...], *columns: list[str]) -> list[str]:
+    """``name="value",...} `` for each row of ``columns`` (escaped where needed)."""
+    rows = zip(*columns, strict=True)
+    if any(_SPECIAL.search("".join(c)) for c in columns):
+        return [_label_text(names, row) + "} " for row in rows]
+    fmt = ",".join(f'{n}="{{}}"' for n in names) + "}} "
+    return [fmt.format(*row) for row in rows]
+
+
+def _grown(a: npt.NDArray[Any], size: int, fill: Any = None) -> npt.NDArray[Any]:
+    out = np.empty((size, *a.shape[1:]), dtype=a.dtype)
+    if fill is not None:
+        out[...] = fill
+    out[:len(a)] = a
+    return out
+
+
+class _MachineCache:
+    """Per machine id, kept across scrapes: its label text, its service group and
+    its counters at the last scrape; per service group, what machines gone since
+    (removed, their id reused, their counters zeroed) had counted.
+
+    A row's text and group are rebuilt when its id now names another machine (app,
+    name or internal port changed) or a new state changed its service or region
+    label; the checks are vectorised, so only changed rows cost Python time. The
+    service totals of ``TOTALS`` are the current machines' counters plus the
+    retired ones, so they never go backwards when a machine goes away.
+    """
+
+    def __init__(self) -> None:
+        self.app: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.name: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.port = np.zeros(0, dtype=np.int64)
+        self.version = np.zeros(0, dtype=np.int64)
+        self.service: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.region: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.text: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.group = np.zeros(0, dtype=np.int64)
+        self.present = np.zeros(0, dtype=bool)
+        self.last = np.zeros((0, len(TOTALS)), dtype=np.uint64)
+        self.group_of: dict[str, int] = {}  # service id ("\n" + app: no service) -> group
+        self.group_key: list[str] = []
+        self.group_text: list[str] = []
+        self.retired = np.zeros((0, len(TOTALS)), dtype=np.uint64)
+
+    def _grow(self, need: int) -> None:
+        if need <= len(self.text):
+            return
+        size = max(need, 2 * len(self.text))
+        self.app, self.name, self.service, self.region, self.text = (
+            _grown(a, size) for a in (self.app, self.name, self.service, self.region, self.text))
+        self.port = _grown(self.port, size, -1)
+        self.version = _grown(self.version, size, -1)
+        self.group = _grown(self.group, size, -1)
+        self.present = _grown(self.present, size, False)
+        self.last = _grown(self.last, size, 0)
+
+    def _groups(self, apps: list[str], services: list[str]) -> list[int]:
+        """The group of each (app, service), new groups made as needed."""
+        keys = [svc or "\n" + app for app, svc in zip(apps, services, strict=True)]
+        get = self.group_of.get
+        out = [get(k, -1) for k in keys]
+        if -1 in out:
+            first = {k: i for i, (k, g) in enumerate(zip(keys, out, strict=True)) if g < 0}
+            for n, k in enumerate(first, len(self.group_key)):
+                self.group_of[k] = n
+                self.group_key.append(k)
+            self.group_text += _label_texts(SERVICE_LABELS, [apps[i] for i in first.values()],
+                                            [services[i] for i in first.values()])
+            if len(self.retired) < len(self.group_text):
+                self.retired = _grown(self.retired, 2 * len(self.group_text), 0)
+            out = [get(k, -1) for k in keys]
+        return out
+
+    def _retire(self, mids: npt.NDArray[np.int64]) -> None:
+        if len(mids):
+            np.add.at(self.retired, self.group[mids], self.last[mids])
+            self.last[mids] = 0
+            self.present[mids] = False
+
+    def forget_services(self, live: set[str]) -> None:
+        """A new state: what removed services' gone machines counted is dropped."""
+        dead = [g for g, k in enumerate(self.group_key)
+                if k not in live and not k.startswith("\n")]  # "\n" + app: no service
+        self.retired[dead] = 0
+
+    def update(self, m: MachineRows, version: int, labels: StateLabels
+               ) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.int64]]:
+        """(label text, service group) of each row; updates the service totals."""
+        ids = m.ids
+        self._grow(int(ids.max()) + 1 if len(ids) else 0)
+        same = ((self.app[ids] == m.apps) & (self.name[ids] == m.names)
+                & (self.port[ids] == m.ports))
+        stale = np.flatnonzero(~same | (self.version[ids] != version))
+        if len(stale):
+            mids = ids[stale]
+            apps, machines = m.apps[stale], m.names[stale]
+            services_of, regions_of = labels.service_of_port, labels.region_of_machine
+            services = objects([services_of.get(k, "") for k in
+                                zip(apps.tolist(), m.ports[stale].tolist(), strict=True)])
+            regions = objects([regions_of.get(k, "") for k in machines.tolist()])
+            # a new state that leaves a row's labels as they were costs it no rebuild
+            changed = np.flatnonzero(~same[stale] | (self.service[mids] != services)
+                                     | (self.region[mids] != regions))
+            self.version[mids] = version
+            mids, apps, machines = mids[changed], apps[changed], machines[changed]
+            services, regions = services[changed], regions[changed]
+            columns = [c.tolist() for c in (apps, services, machines, regions)]
+            groups = np.array(self._groups(columns[0], columns[1]), dtype=np.int64)
+            moved = self.present[mids] & (~same[stale][changed] | (self.group[mids] != groups))
+            self._retire(mids[moved])
+            self.app[mids], self.name[mids], self.port[mids] = (
+                apps, machines, m.ports[stale][changed])
+            self.service[mids], self.region[mids], self.group[mids] = services, regions, groups
+            self.text[mids] = _label_texts(MACHINE_LABELS, *columns)
+        now = np.zeros(len(self.present), dtype=bool)
+        now[ids] = True
+        self._retire(np.flatnonzero(self.present & ~now))
+        values = m.values[:, _TOTAL_COLUMNS]
+        reset = np.flatnonzero(self.present[ids] & (values < self.last[ids]).any(axis=1))
+        self._retire(ids[reset])  # zeroed under the same name (removed and added again)
+        self.present = now
+        self.last[ids] = values
+        texts: npt.NDArray[np.object_] = self.text[ids]
+        return texts, self.group[ids]
+
+    def totals(self, groups: npt.NDArray[np.int64], values: U64s
+               ) -> tuple[npt.NDArray[np.object_], U64s]:
+        """(label text, ``TOTALS`` sums) per service group with a non-zero sum."""
+        sums = self.retired[:len(self.group_text)].copy()
+        np.add.at(sums, groups, values[:, _TOTAL_COLUMNS])
+        keep = np.flatnonzero(sums.any(axis=1))
+        texts = objects(self.group_text)[keep]
+        return texts, sums[keep]
+
+
+def _lines(head: str, texts: npt.NDArray[np.object_], column: npt.NDArray[np.uint64],
+           skip_zero: bool) -> list[str]:
+    """``head, text, value`` pieces per row, built by C-level slice assignments (each
+    line starts with its newline; ``TextFamily.render`` joins them)."""
+    if skip_zero:
+        sel = np.flatnonzero(column)
+        if len(sel) < len(column):
+            texts, column = texts[sel], column[sel]
+    n = len(column)
+    parts = [head] * (3 * n)
+    parts[1::3] = texts.tolist()
+    parts[2::3] = list(map(str, column.tolist()))
+    return parts
+
+
+class KernelText:
+    """Renders the per-machine and per-service kernel families from the counters'
+    columns, with label text kept between scrapes (``_MachineCache``, ``_TextCache``)."""
+
+    def __init__(self) -> None:
+        self.machines = _MachineCache()
+        self.services = _TextCache()
+        self._labels: StateLabels | None = None
+        self._version = 0
+
+    def fill(self, f: Mapping[str, Metric], counters: Counters, labels: StateLabels) -> None:
+        new_state = labels is not self._labels
+        if new_state:
+            self._labels, self._version = labels, self._version + 1
+        m = MachineRows.of(counters.machines).busy()
+        s = ServiceRows.of(counters.services).busy()
+        mtexts, groups = self.machines.update(m, self._version, labels)
+        if new_state:
+            self.machines.forget_services(set(labels.service_of_port.values()))
+        ttexts, totals = self.machines.totals(groups, m.values)
+        stexts = self.services.texts(s)
+        for name, parts in KERNEL_FAMILIES.items():
+            family = f[name]
+            assert isinstance(family, TextFamily)
+            counter = family.spec.kind == "counter"
+            for label, extra, column in parts:
+                head = f'\n{name}{{{label}="{extra}",' if label else f"\n{name}{{"
+                if column in TOTALS:
+                    texts, values = ttexts, totals[:, TOTALS.index(column)]
+                elif column in COUNTER_FIELDS:
+                    texts, values = mtexts, m.values[:, COUNTER_FIELDS.index(column)]
+                else:
+                    texts, values = stexts, s.values[:, SERVICE_FIELDS.index(column)]
+                family.text += _lines(head, texts, values, counter)
 
 
 def add_kernel(f: Mapping[str, Metric], counters: Counters, config: DataplaneConfig,
-               labels: StateLabels) -> None:
+               labels: StateLabels, text: KernelText | None = None) -> None:
     """Kernel counters into their families (one sample per machine, service, kind).
 
-    Machines and services whose counters are all zero (no traffic since their id was
-    assigned) are left out: an edge carries many apps and most see no raw TCP, so
-    series grow with the apps that have traffic rather than with the state. The
-    per-machine and per-service families are ``TextFamily`` s sharing one row list
-    per kind (each machine's labels escaped once for all its series).
+    Rows come from ``read_counters(skip_idle=True)``: machines and services whose
+    counters are all zero (no traffic since their id was assigned) are not there,
+    so series grow with the machines that have traffic rather than with the state.
+    A counter series appears with its first count (as a labelled prometheus-client
+    counter does) and, counters never going down, stays while its machine (or
+    service) id exists; ``edgeproxy_app_tcp_active`` is there for every machine that
+    has any series.
     """
-    services_of, regions_of = labels.service_of_port, labels.region_of_machine
-    machine_rows: list[tuple[str, tuple[str, ...], Any]] = []
-    for m in counters.machines:
-        if not (m.opened or m.active or m.packets_in or m.packets_out):
-            continue
-        base = (m.app, services_of.get((m.app, m.port), ""), m.machine,
-                regions_of.get(m.machine, ""))
-        app, service, machine, region = base
-        text = (f'app="{app}",service="{service}",machine="{machine}",region="{region}"'
-                if not _SPECIAL.search(f"{app}{service}{machine}{region}")
-                else _label_text(MACHINE_LABELS, base))
-        machine_rows.append((text, base, m))
-    service_rows: list[tuple[str, tuple[str, ...], Any]] = []
-    for s in counters.services:
-        if not (s.refused or s.dropped or s.no_backend or s.flood or s.resteered):
-            continue
-        key = (s.app, s.service)
-        service_rows.append((_label_text(SERVICE_LABELS, key), key, s))
-    for name in _TEXT_FAMILIES:
-        family = f[name]
-        assert isinstance(family, TextFamily)
-        by_machine = BY_NAME[name].labels[:4] == MACHINE_LABELS
-        family.rows = machine_rows if by_machine else service_rows
+    (text or KernelText()).fill(f, counters, labels)
     role = config.role
     for result, value in counters.stats.items():
         _add(f, "edgeproxy_bpf_packets_total", (role, result), value)
@@ -501,6 +725,11 @@ def add_proxy(f: Mapping[str, Metric], snap: ProxySnapshot, labels: StateLabels)
         _add(f, "edgeproxy_retries_total", (app,), count)
     for app, count in sorted(snap.replays.items()):
         _add(f, "edgeproxy_replays_total", (app,), count)
+    for app, seconds in sorted(snap.cpu_seconds.items()):
+        _add(f, "edgeproxy_app_cpu_seconds_total", (app,), seconds)
+    for app, count in sorted(snap.cpu_throttled.items()):
+        _add(f, "edgeproxy_app_cpu_throttled_total", (app,), count)
+    _add(f, "edgeproxy_backhaul_refused_total", (), snap.backhaul_refused)
     for address, health in sorted(snap.backhaul.items()):
         worker, region = labels.worker_of_address.get(address, (address, ""))
         key = (worker, region)
@@ -539,10 +768,10 @@ def _serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
         if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
-        body = render(registry)
+        chunks = render_chunks(registry)
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST),
-                                  ("Content-Length", str(len(body)))])
-        return [body]
+                                  ("Content-Length", str(sum(map(len, chunks))))])
+        return chunks
 
     server = _Server6 if ":" in host else _Server4
     httpd: WSGIServer = make_server(host, port, app, server, handler_class=_SilentHandler)

@@ -144,9 +144,12 @@ def measure(result: Result, runs: int, quick: bool) -> None:
           f"non-zero counters; {c['lines']:,} lines, {c['bytes'] / 2**20:.1f} MiB per scrape."
           for c in s["cases"]),
         "read_counters = Dataplane.read_counters(skip_idle=True) alone: one "
-        "BPF_MAP_LOOKUP_BATCH per 65,536 keys of each stats map, idle ids skipped on the raw "
-        "buffer, the rest decoded per CPU copy; "
-        "the rest of a scrape is building and writing the text exposition.",
+        "BPF_MAP_LOOKUP_BATCH per 65,536 keys of each stats map into one buffer, per-CPU "
+        "copies summed and idle ids masked by numpy, rows kept in columns; "
+        "the rest of a scrape is the text exposition (label text cached per machine id; "
+        "connects and active per machine, disconnects, bytes and packets per service) "
+        "and the transfer. The first scrape of each case builds the label text of the "
+        "machines that newly have traffic.",
         f"Child RSS after the scrapes: {s['rss_mib']:.0f} MiB.",
     ]
 
