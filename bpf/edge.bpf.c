@@ -379,6 +379,8 @@ static __always_inline int edge_return(void *ctx, const int tc)
     }
     if (ct) {
         touch_flow(ct);
+        ct->packets_out += 1;   /* this direction's own line: plain adds */
+        ct->bytes_out += payload;
         count_packet(ct->machine, payload, 1);
         track_close(ct, tcp_flags(tcp), CT_FIN_OUT);
     } else {
@@ -417,8 +419,10 @@ static __always_inline int new_flow(void *ctx, const int tc, struct dp_config *c
             ss->no_backend += 1;
         return refuse(ctx, tc, cfg, ss, payload);
     }
-    struct ct_value nv = {.flags = (__u64)epoch << CT_EPOCH_SHIFT, .last_seen_ns = ep_now(),
-                          .machine = *machine, .service = svc_id};
+    __u64 now = ep_now();
+    struct ct_value nv = {.flags = (__u64)epoch << CT_EPOCH_SHIFT, .last_seen_ns = now,
+                          .machine = *machine, .service = svc_id, .created_ns = now,
+                          .packets_in = 1, .bytes_in = payload};
     if (reuse) {
         conntrack.update(ck, &nv);
     } else if (conntrack.insert(ck, &nv)) {
@@ -510,6 +514,8 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
 stick:
         machine = ct->machine;
         touch_flow(ct);
+        ct->packets_in += 1;    /* this direction's own line: plain adds */
+        ct->bytes_in += payload;
         track_close(ct, flags, CT_FIN_IN);
     } else if (!new_syn) {
         /* mid-flow packet without conntrack */

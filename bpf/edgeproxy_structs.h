@@ -70,11 +70,23 @@ struct ct_key {
     __u8 pad[3];
 };
 
+/* Three groups, each at least 64 bytes from the next so they never share a cache
+ * line whatever the element's alignment: the read-mostly part both directions
+ * read; the client->machine counters, written only by the CPU serving that
+ * direction; the machine->client counters, written only by the other. A packet
+ * thus never writes a line the other direction's CPU reads (no bouncing). */
 struct ct_value {
     __u64 flags;        /* CT_*, changed only with atomics */
-    __u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet either way */
+    __u64 last_seen_ns; /* coarse monotonic ns of the last packet either way */
     __u32 machine;
     __u32 service;
+    __u64 created_ns;   /* when the flow was accepted (its age in edgectl conns) */
+    __u64 pad_hot[9];
+    __u64 packets_in;   /* client -> machine, TCP payload bytes */
+    __u64 bytes_in;
+    __u64 pad_in[8];
+    __u64 packets_out;  /* machine -> client */
+    __u64 bytes_out;
 };
 
 /* machine_stats: per-CPU array indexed by machine id. bytes = TCP payload. */

@@ -228,7 +228,10 @@ try:
         "machines": {n: dataclasses.asdict(c.machine(n)) for n in names},
         "services": {s.service: dataclasses.asdict(s) for s in c.services},
         "flows": [{"client": str(f.client), "port": f.client_port, "machine": f.machine,
-                   "state": f.state} for f in dp.flows()],
+                   "state": f.state, "age_seconds": f.age, "idle_seconds": f.idle,
+                   "bytes_in": f.bytes_in, "bytes_out": f.bytes_out,
+                   "packets_in": f.packets_in, "packets_out": f.packets_out}
+                  for f in dp.flows()],
     }))
 finally:
     dp.close()

@@ -467,7 +467,24 @@ def test_flows_are_decoded(dp: Dataplane) -> None:
     (f,) = dp.flows()
     assert (str(f.client), f.client_port, str(f.vip), f.port) == (CLIENT, 40000, VIP, 7)
     assert (f.app, f.service, f.machine, f.state) == ("echo", "echo-tcp", "echo-1", "open")
-    assert 0 <= f.idle < 60
+    assert 0 <= f.idle < 60 and f.idle <= f.age < 60
+
+
+def test_flow_counts_its_own_packets_and_bytes_each_way(dp: Dataplane) -> None:
+    dp.sync([table((M1,))])
+    run(dp, "edge_xdp", client_pkt("S"))
+    run(dp, "edge_xdp", reply_pkt("SA", payload=b"greeting\n"))
+    run(dp, "edge_xdp", client_pkt("PA", seq=1001, ack=5001, payload=b"hello world"))
+    run(dp, "edge_xdp", client_pkt("A", seq=1012, ack=5010))
+    run(dp, "edge_xdp", reply_pkt("PA", payload=b"hello world"))
+    ct = ct_of(dp)
+    assert ct is not None and ct.created_ns > 0 and ct.created_ns <= ct.last_seen_ns + 10**9
+    assert (ct.packets_in, ct.bytes_in, ct.packets_out, ct.bytes_out) == (3, 11, 2, 20)
+    (f,) = dp.flows()
+    assert (f.packets_in, f.bytes_in, f.packets_out, f.bytes_out) == (3, 11, 2, 20)
+    # the flow's own counters agree with its machine's (its only flow)
+    c = machine(dp, "echo-1")
+    assert (c.packets_in, c.bytes_in, c.packets_out, c.bytes_out) == (3, 11, 2, 20)
 
 
 def filter_bit_set(dp: Dataplane, addr: str) -> bool:

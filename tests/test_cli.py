@@ -92,11 +92,11 @@ MAPS = [
 ]
 FLOWS = [
     Flow(IPv4Address("198.18.0.2"), 40002, IPv4Address("198.19.1.1"), 7, "echo", "echo-tcp",
-         "echo-ams-1", "closed", 12.25),
+         "echo-ams-1", "closed", 12.25, 13.5, 6, 1000, 5, 1_500_000),
     Flow(IPv4Address("198.18.0.2"), 40001, IPv4Address("198.19.1.1"), 7, "echo", "echo-tcp",
-         "echo-ams-1", "open", 0.5),
+         "echo-ams-1", "open", 0.5, 3725.0, 2, 0, 1, 27),
     Flow(IPv4Address("198.18.0.3"), 51000, IPv4Address("198.19.1.1"), 7, "echo", "echo-tcp",
-         "echo-ord-1", "fin-in", 125.0),
+         "echo-ord-1", "fin-in", 125.0, 130.0, 800, 2_000_000, 900, 3_000_000_000),
 ]
 TCP = {"echo": AppTcpTotals("echo", connects=6, disconnects=5, active=1, refused=2,
                             bytes_in=6000, bytes_out=6150, packets_in=40, packets_out=42)}
@@ -121,7 +121,9 @@ def dump_rows() -> dict[str, list[dict[str, Any]]]:
         ],
         "conntrack": [
             decoded("conntrack", bm.CtKey(client, vip, bm.be16(40001), bm.be16(7), 6),
-                    bm.CtValue(flags=0, last_seen_ns=5_000_000_000, machine=0, service=0)),
+                    bm.CtValue(flags=0, last_seen_ns=5_000_000_000, machine=0, service=0,
+                               created_ns=1_000_000_000, packets_in=3, bytes_in=40,
+                               packets_out=2, bytes_out=67)),
             decoded("conntrack", bm.CtKey(client, vip, bm.be16(40002), bm.be16(7), 6),
                     bm.CtValue(flags=bm.CT_FIN_IN | bm.CT_FIN_OUT | bm.CT_CLOSED,
                                last_seen_ns=4_000_000_000, machine=1, service=0)),

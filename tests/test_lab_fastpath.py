@@ -134,6 +134,16 @@ def test_200_connections_steered_and_counted_in_kernel(lab: LabHandle,
                        and flows[c["port"]]["state"] == "open" for c in conns)
             for m in ORD_MACHINES:
                 assert delta(before, during, m, "active") == per_machine[m]
+            # each flow counted its own bytes: its MiB each way (+ greeting, + any
+            # retransmission), and together exactly what the machines' counters say
+            for c in conns:
+                f = flows[c["port"]]
+                assert f["bytes_in"] >= MIB and f["age_seconds"] >= f["idle_seconds"], f
+                assert f["bytes_out"] >= MIB + len(c["greeting"].encode()), f
+            # (bytes only: a late pure ACK may land between the two reads)
+            for field in ("bytes_in", "bytes_out"):
+                assert sum(f[field] for f in flows.values()) == sum(
+                    delta(before, during, m, field) for m in ORD_MACHINES), field
             _close(client)
 
         after = _wait_idle(lab, ECHO_MACHINES)

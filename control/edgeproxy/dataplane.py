@@ -80,6 +80,11 @@ class Flow:
     machine: str
     state: str  # open | fin-in | fin-out | closed | reset | expired
     idle: float  # seconds since the last packet
+    age: float = 0.0  # seconds since the flow was accepted
+    packets_in: int = 0  # client -> machine
+    bytes_in: int = 0  # TCP payload
+    packets_out: int = 0  # machine -> client
+    bytes_out: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -891,7 +896,9 @@ class Dataplane:
             out.append(Flow(bm.from_be32(key.saddr), bm.from_be16(key.sport),
                             bm.from_be32(key.daddr), bm.from_be16(key.dport), app,
                             by_id.get(v.service, ""), name, state,
-                            max(0.0, (now - v.last_seen_ns) / 1e9)))
+                            max(0.0, (now - v.last_seen_ns) / 1e9),
+                            max(0.0, (now - v.created_ns) / 1e9),
+                            v.packets_in, v.bytes_in, v.packets_out, v.bytes_out))
         return out
 
     def sweep(self, idle_timeout: float | None = None) -> tuple[int, int]:

@@ -388,7 +388,10 @@ def _decode_conntrack(k: Any, v: Any, n: Names) -> Row:
     app, machine = n.machine(v.machine)
     return {"client": _endpoint(k.saddr, k.sport), "vip": _endpoint(k.daddr, k.dport),
             "app": app, "service": n.service(v.service)[1], "machine": machine,
-            "flags": _flag_names(int(v.flags), CT_FLAGS), "last_seen_ns": int(v.last_seen_ns)}
+            "flags": _flag_names(int(v.flags), CT_FLAGS), "last_seen_ns": int(v.last_seen_ns),
+            "created_ns": int(v.created_ns), "packets_in": int(v.packets_in),
+            "bytes_in": int(v.bytes_in), "packets_out": int(v.packets_out),
+            "bytes_out": int(v.bytes_out)}
 
 
 def _decode_vip_filter(k: Any, v: Any, n: Names) -> Row:

@@ -143,14 +143,18 @@ def rows_table(rows: Sequence[Mapping[str, Json]]) -> str:
 def flows_json(flows: Sequence[Flow]) -> list[Json]:
     return [{"client": f"{f.client}:{f.client_port}", "vip": f"{f.vip}:{f.port}",
              "app": f.app, "service": f.service, "machine": f.machine, "state": f.state,
-             "idle_seconds": round(f.idle, 3)}
+             "age_seconds": round(f.age, 3), "idle_seconds": round(f.idle, 3),
+             "packets_in": f.packets_in, "bytes_in": f.bytes_in,
+             "packets_out": f.packets_out, "bytes_out": f.bytes_out}
             for f in sorted(flows, key=lambda f: (f.app, f.machine, f.client, f.client_port))]
 
 
 def flows_table(flows: Sequence[Json]) -> str:
-    return table(["CLIENT", "VIP", "APP", "SERVICE", "MACHINE", "STATE", "IDLE"],
+    return table(["CLIENT", "VIP", "APP", "SERVICE", "MACHINE", "STATE", "AGE", "IDLE",
+                  "BYTES IN", "BYTES OUT"],
                  [[f["client"], f["vip"], f["app"], f["service"], f["machine"], f["state"],
-                   human_seconds(f["idle_seconds"])] for f in flows])
+                   human_seconds(f["age_seconds"]), human_seconds(f["idle_seconds"]),
+                   human_bytes(f["bytes_in"]), human_bytes(f["bytes_out"])] for f in flows])
 
 
 # ------------------------------------------------------------------- stats
