@@ -402,3 +402,48 @@ def test_a_silent_member_is_left_for_another(tmp_path: Path) -> None:
         victim, now, delay = asyncio.run(scenario(cluster))
     print(f"froze {victim}; watch moved to {now}; update arrived after {delay * 1000:.0f} ms")
     assert now != victim
+
+
+def test_the_source_keeps_no_values_and_rebuilds_from_its_state(cluster: EtcdCluster) -> None:
+    """Steady state holds no raw values; a change it cannot validate piecewise (a
+    service) and the repair after a refusal rebuild from the state's own entities
+    plus the changed keys; rewrites of what the state already says do nothing."""
+    prefix = "/novalues/"
+    client = EtcdClient(cluster.endpoints)
+    write_state(client, LAB_STATE, prefix)
+    source = EtcdSource(cluster.endpoints, prefix, read_wait=0.2)
+    try:
+        assert source._pending == {}
+
+        def settle() -> ClusterState | None:
+            got = None
+            for _ in range(10):  # a few reads: the watch opens, then the event
+                got = source.step() or got
+                if got is not None and not source._pending:
+                    return got
+            return got
+
+        settle()  # opens the watch
+        reads = source.full_reads
+        # the same entity rewritten (as another writer would): nothing new
+        key = f"{prefix}machines/echo-ord-1".encode()
+        client.put(key, client.range_prefix(key)[1][0].value)
+        client.put(f"{prefix}nothing/here".encode(), b"{}")  # unknown key: refused
+        assert settle() is None and source.rejected == 1
+        assert set(source._pending) == {"nothing/here"} and source.full_reads == reads + 1
+        client.delete(f"{prefix}nothing/here".encode())  # repaired: rebuilt whole
+        assert settle() == LAB_STATE and source._pending == {}
+        assert source.full_reads == reads + 2
+        # a service change: whole validation over the state's own documents
+        slower = changed(LAB_STATE, lambda d: d["services"][0]["concurrency"].update(
+            soft_limit=150), 2)
+        write_state(client, slower, prefix)
+        assert settle() == slower and source.full_reads == reads + 3
+        # a machine change: piecewise again
+        stopped = changed(slower, lambda d: machine(d, "web-ams-1").update(state="stopped"), 3)
+        write_state(client, stopped, prefix)
+        got = settle()
+        assert got == stopped and source.full_reads == reads + 3
+        assert got is not None and got.changed_apps == {"web"}
+    finally:
+        source.close()

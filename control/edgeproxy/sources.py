@@ -17,16 +17,21 @@ Each source is meant for one watcher: ``watch()`` yields every new state once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import re
+import select
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
+
+import yaml
 
 from edgeproxy.etcd import (
     DEFAULT_TIMEOUT,
@@ -48,10 +53,14 @@ from edgeproxy.state import (
     Problem,
     RowStream,
     StateError,
+    entity_dict,
+    latency_table,
     parse_state,
     parse_yaml,
+    release_free_memory,
     to_dict,
 )
+from edgeproxy.yamlpatch import FileView, Hunk, ShortRead, YamlIndex, name_rows
 
 log = logging.getLogger(__name__)
 
@@ -140,21 +149,31 @@ class _PollingSource:
 
 
 class FileSource(_PollingSource):
-    """A YAML file, reloaded when its stat changes.
+    """A YAML file, reloaded when it changes.
 
-    Atomic renames show up as a new inode; in-place writes as a new size or mtime.
-    A half-written file fails to parse and is refused; the write that completes it
-    changes the stat again and applies.
+    Changes are noticed by inotify on the file's directory (a close after writing, or
+    a rename onto the file) when the kernel offers it, and by the file's stat every
+    ``poll_interval`` in any case: atomic renames show up as a new inode, in-place
+    writes as a new size or mtime. A half-written file fails to parse and is refused;
+    the write that completes it changes the stat again and applies.
+
+    The bytes last applied are kept with an index of where each list item starts
+    (``yamlpatch``): a change re-parses only the items it touches and validates them
+    with ``state.Incremental``; anything else parses and validates the whole file.
     """
 
     def __init__(self, path: str | Path, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
         super().__init__(str(path), poll_interval)
         self.path = Path(path)
+        self.full_reads = 0  # whole-file parses so far (for tests and the bench)
         self._seen = self._fingerprint()
-        content = self.path.read_bytes()
-        # a digest, not the bytes: a 200k-app file is 100 MB we need not keep
-        self._digest = hashlib.blake2b(content).digest()
-        self._good = parse_yaml(content, self.name)  # no last good: raise
+        self._buf = bytearray()  # the bytes of the good state
+        self._index: YamlIndex | None = None
+        self._incremental: Incremental | None = None
+        self._refused: object = None  # what the last refused bytes looked like
+        self._scratch = bytearray(FileView.CHUNK)  # reused: no heap churn per change
+        self._good = self._parse_all(self.path.read_bytes())  # no last good: raise
+        self._inotify = _inotify_watch(self.path.parent)
 
     def _fingerprint(self) -> tuple[int, ...] | None:
         try:
@@ -164,6 +183,7 @@ class FileSource(_PollingSource):
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _changed(self) -> bool:
+        _drain(self._inotify)
         seen = self._fingerprint()
         if seen == self._seen:
             return False
@@ -172,17 +192,171 @@ class FileSource(_PollingSource):
 
     def _load(self) -> ClusterState | None:
         try:
-            content = self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._seen = None  # gone since the stat; look again next tick
             return None
+        try:
+            return self._load_from(FileView(fd, os.fstat(fd).st_size, self._scratch))
+        finally:
+            os.close(fd)
+
+    def _load_from(self, new: FileView) -> ClusterState | None:
         # The stat may move without the bytes moving (touch, or a stat taken mid-write
         # that we already read complete): same bytes, same state, nothing to apply.
-        digest = hashlib.blake2b(content).digest()
-        if digest == self._digest:
-            return None
-        self._digest = digest
-        return parse_yaml(content, self.name)
+        if self._index is not None and self._incremental is not None:
+            hunks = self._index.diff(self._buf, new)
+            if hunks == []:
+                return None
+            if hunks is not None:
+                done, state = self._apply_hunks(hunks, new)
+                if done:
+                    return state
+        elif new.size == len(self._buf):
+            with contextlib.suppress(ShortRead):
+                if new.common_prefix(self._buf, 0, 0, new.size) == new.size:
+                    return None
+        try:
+            text = new.read(0, new.size)
+        except ShortRead:
+            return None  # shrinking under a writer: its next write moves the stat
+        digest = hashlib.blake2b(text).digest()
+        if digest == self._refused:
+            return None  # the same bad bytes again: refused once is enough
+        try:
+            return self._parse_all(text)
+        except StateError:
+            self._refused = digest
+            raise
+
+    def _apply_hunks(self, hunks: list[Hunk], new: FileView) -> tuple[bool, ClusterState | None]:
+        """(True, the state after the changed items, or None when there is nothing new
+        to apply), or (False, None): parse the whole file."""
+        assert self._index is not None and self._incremental is not None
+        state = self._incremental.state
+        entities: dict[str, Mapping[str, object]] = {
+            "regions": state.regions,
+            "hosts": state.hosts,
+            "apps": state.apps,
+            "services": state.services,
+            "machines": state.machines,
+        }
+        patch = self._index.patch(hunks, self._buf, new, entities)
+        if patch is None:
+            log.info("%s: change not local to list items; parsing the whole file", self.name)
+            return False, None
+        fingerprint = patch.fingerprint()
+        if fingerprint == self._refused:
+            return True, None  # the same bad bytes again: refused once is enough
+        meta: dict[str, object] | None = None
+        if patch.meta:
+            meta = {"version": patch.meta.get("version", state.version)}
+            if state.latency_ms:
+                meta["latency_ms"] = latency_table(state)
+        try:
+            applied = self._incremental.apply(patch.changes, meta, self.name, name_rows(patch))
+        except NeedsFullParse as why:
+            log.info("%s: %s; parsing the whole file", self.name, why)
+            return False, None
+        except StateError as err:
+            self._refused = fingerprint
+            raise self._index.locate(err, patch, new, self.name) from err
+        self._index.commit(patch, self._buf)
+        self._refused = None
+        return True, applied
+
+    def _parse_all(self, text: bytes) -> ClusterState:
+        self.full_reads += 1
+        index: list[YamlIndex | None] = [None]
+
+        def build(root: yaml.Node) -> None:
+            index[0] = YamlIndex.build(text, root)
+
+        state = parse_yaml(text, self.name, on_root=build)
+        self._index = index[0]
+        self._incremental = Incremental(state) if self._index is not None else None
+        self._buf = bytearray(text)
+        self._refused = None
+        release_free_memory()
+        return state
+
+    def wait(self, timeout: float) -> bool:
+        """Block until inotify reports a write in the directory, or ``timeout``
+        seconds; True when it did. Without inotify, just sleeps. For tools and tests."""
+        if self._inotify is None:
+            time.sleep(timeout)
+            return False
+        ready, _, _ = select.select([self._inotify], [], [], timeout)
+        return bool(ready)
+
+    async def watch(self) -> AsyncIterator[ClusterState]:
+        fd = self._inotify
+        if fd is None:
+            async for state in super().watch():
+                yield state
+            return
+        loop = asyncio.get_running_loop()
+        woke = asyncio.Event()
+
+        def readable() -> None:
+            loop.remove_reader(fd)  # until the poll drains it: no busy loop meanwhile
+            woke.set()
+
+        try:
+            while True:
+                woke.clear()
+                loop.add_reader(fd, readable)
+                new = await asyncio.to_thread(self.poll)
+                if new is not None:
+                    yield new
+                if not woke.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woke.wait(), self.poll_interval)
+                loop.remove_reader(fd)
+        finally:
+            loop.remove_reader(fd)
+
+    def close(self) -> None:
+        fd, self._inotify = self._inotify, None
+        if fd is not None:
+            os.close(fd)
+
+
+# inotify (linux/inotify.h): a write closed, or a file renamed into the directory
+_IN_CLOSE_WRITE = 0x00000008
+_IN_MOVED_TO = 0x00000080
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+
+
+def _inotify_watch(directory: Path) -> int | None:
+    """An inotify fd watching ``directory`` for finished writes, or None (no
+    inotify here: the stat polling alone notices changes)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        init, add = libc.inotify_init1, libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None
+    init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
+    add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    add.restype = ctypes.c_int
+    fd = int(init(_IN_NONBLOCK | _IN_CLOEXEC))
+    if fd < 0:
+        return None
+    if add(fd, os.fsencode(directory), _IN_CLOSE_WRITE | _IN_MOVED_TO) < 0:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _drain(fd: int | None) -> None:
+    """Read pending inotify events; which file they name does not matter: the stat
+    that follows decides."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):  # EAGAIN: drained
+        while os.read(fd, 65536):
+            pass
 
 
 # -------------------------------------------------------------------------- SQLite
@@ -612,6 +786,68 @@ def _etcd_doc(value: bytes) -> object:
         return _BadJson(f"not valid JSON: {err}")
 
 
+def _etcd_value(value: object) -> object:
+    """A raw value parsed, or a document (``_EtcdDocs``) as it is."""
+    return _etcd_doc(value) if isinstance(value, bytes) else value
+
+
+class _EtcdDocs(Mapping[str, object]):
+    """The keys under the prefix as a state says them, with ``pending`` over them:
+    relative key -> document (plain data, what the entity's JSON would parse to), or
+    the raw bytes of a pending key. Documents are made as they are read."""
+
+    def __init__(self, state: ClusterState, pending: Mapping[str, bytes | None]) -> None:
+        self._state = state
+        self._pending = pending
+        self._kinds: dict[str, Mapping[str, object]] = {
+            "regions": state.regions,
+            "hosts": state.hosts,
+            "apps": state.apps,
+            "services": state.services,
+            "machines": state.machines,
+        }
+
+    def _own(self, key: str) -> object | None:
+        if key == ETCD_META_KEY:
+            meta: dict[str, object] = {"version": self._state.version}
+            if self._state.latency_ms:
+                meta["latency_ms"] = latency_table(self._state)
+            return meta
+        kind, _, name = key.partition("/")
+        entities = self._kinds.get(kind)
+        entity = entities.get(name) if entities is not None else None
+        return None if entity is None else entity_dict(kind, entity)
+
+    def get(self, key: str, default: object = None) -> object:
+        if key in self._pending:
+            value = self._pending[key]
+            return default if value is None else value
+        own = self._own(key)
+        return default if own is None else own
+
+    def __getitem__(self, key: str) -> object:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        pending = self._pending
+        if ETCD_META_KEY not in pending:
+            yield ETCD_META_KEY
+        for kind, entities in self._kinds.items():
+            for name in entities:
+                key = f"{kind}/{name}"
+                if key not in pending:
+                    yield key
+        for key, value in pending.items():
+            if value is not None:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def etcd_state(docs: Mapping[str, object], prefix: str, source: str = "etcd") -> ClusterState:
     """Validate the parsed values under a prefix (keys relative to it) as one state.
 
@@ -790,16 +1026,21 @@ class EtcdSource:
         self.rejected = 0
         self.last_error: str | None = None
         self._key = prefix.encode()
-        # key (relative to the prefix) → raw value; parsed when validated (keeping
-        # 800,000 parsed documents as well would double the memory at scale)
-        self._values: dict[str, bytes] = {}
+        # Keys (relative to the prefix) whose value in etcd the good state does not
+        # reflect: the value, or None when deleted. Empty while the state follows
+        # etcd; after a refusal, the keys that made the bad picture. Everything else
+        # is what the good state's entities say (``_EtcdDocs``): keeping the raw
+        # values of 1,000,000 keys cost 500 MiB at 200k apps.
+        self._pending: dict[str, bytes | None] = {}
         self._stream: WatchStream | None = None
         self._member = 0  # index of the member to open the next watch on
         self._heard_at = time.monotonic()
         self._out_of_members = False  # logged once per outage, not every retry
         self._closed = False
-        self._revision = self._read_all()  # no member answers: raise, as for a bad state
-        self._good = etcd_state_from_values(self._values, prefix, self.name)
+        # no member answers: raise, as for a bad state
+        self._revision, values = self._read_all()
+        self._good = etcd_state_from_values(values, prefix, self.name)
+        del values
         self._incremental: Incremental | None = Incremental(self._good)
         self.full_reads = 1  # whole-state validations so far (for tests and the bench)
 
@@ -906,10 +1147,10 @@ class EtcdSource:
             return
         self._heard_at = time.monotonic()
 
-    def _read_all(self) -> int:
+    def _read_all(self) -> tuple[int, dict[str, bytes]]:
         """Read the prefix in pages of ``ETCD_PAGE`` keys, every page at the revision of
         the first (one snapshot): one reply for 800,000 keys would be hundreds of MB of
-        JSON held at once."""
+        JSON held at once. Returns the revision and the values by relative key."""
         end = b64(prefix_end(self._key))
         body: dict[str, object] = {"key": b64(self._key), "range_end": end,
                                    "limit": ETCD_PAGE}
@@ -931,34 +1172,57 @@ class EtcdSource:
                 break
             body = {"key": b64(last + b"\0"), "range_end": end, "limit": ETCD_PAGE,
                     "revision": str(revision)}
-        self._values = values
-        return revision
+        return revision, values
 
     def _resync(self) -> ClusterState | None:
-        before = self._values
         try:
-            self._revision = self._read_all()
+            revision, values = self._read_all()
         except EtcdError as err:
-            self._values = before
             log.warning("%s: cannot read %s again: %s", self.name, self.prefix, err)
             return None
-        return None if self._values == before else self._rebuild()
+        self._revision = revision
+        self.full_reads += 1
+        try:
+            state = etcd_state_from_values(values, self.prefix, self.name)
+        except StateError as err:
+            good = _EtcdDocs(self._good, {})
+            pending: dict[str, bytes | None] = {
+                key: value for key, value in values.items() if good.get(key) != _etcd_doc(value)
+            }
+            pending.update((key, None) for key in good if key not in values)
+            self._pending = pending
+            self._refuse(err)
+            return None
+        self._pending = {}
+        self._incremental = Incremental(state)
+        if state == self._good:
+            return None
+        return self._accept(state)
 
     def _relative(self, key: bytes) -> str:
         return key[len(self._key) :].decode("utf-8", errors="replace")
 
     def _apply(self, events: list[Event]) -> ClusterState | None:
-        changed: set[str] = set()
+        applied = self._revision
+        latest: dict[str, bytes | None] = {}
         for event in events:
+            if 0 < event.mod_revision <= applied:
+                continue  # seen already (a watch resumed a little early)
             self._revision = max(self._revision, event.mod_revision)
-            key = self._relative(event.key)
-            if event.type == "delete":
-                if self._values.pop(key, None) is not None:
-                    changed.add(key)
-            elif self._values.get(key) != event.value:
-                # Same bytes again (a watch resumed a little early): nothing to rebuild.
-                self._values[key] = event.value
-                changed.add(key)
+            latest[self._relative(event.key)] = None if event.type == "delete" else event.value
+        changed: set[str] = set()
+        good = _EtcdDocs(self._good, {})
+        for key, value in latest.items():
+            if key not in self._pending:
+                # what the good state already says (a rewrite of the same entity, a
+                # delete of a key it never had): nothing to rebuild
+                now = good.get(key)
+                if (now is None and value is None) or (
+                    now is not None and value is not None and _etcd_doc(value) == now
+                ):
+                    continue
+            self._pending[key] = value
+            changed.add(key)
         return self._rebuild(changed) if changed else None
 
     def _changed_rows(self, keys: set[str]) -> ClusterState | None:
@@ -966,8 +1230,10 @@ class EtcdSource:
         assert self._incremental is not None
         changes: dict[str, dict[str, object | None]] = {}
         meta: Mapping[str, object] | None = None
+        if set(self._pending) - keys:
+            return None  # older changes not in the state yet: the whole check
         for key in sorted(keys):
-            value = self._values.get(key)
+            value = self._pending.get(key)
             doc = None if value is None else _etcd_doc(value)
             if isinstance(doc, _BadJson):
                 raise StateError(self.name, [Problem(f"{self.prefix}{key}", doc.reason)])
@@ -988,28 +1254,36 @@ class EtcdSource:
             log.info("%s: %s; validating the whole state", self.name, why)
             return None
 
-    def _rebuild(self, keys: set[str] | None = None) -> ClusterState | None:
+    def _rebuild(self, keys: set[str]) -> ClusterState | None:
         try:
             state = None
-            if keys is not None and self._incremental is not None:
+            if self._incremental is not None:
                 state = self._changed_rows(keys)
             if state is None:
+                # the good state's entities, with the pending keys over them
                 self.full_reads += 1
-                state = etcd_state_from_values(self._values, self.prefix, self.name)
+                docs = _EtcdDocs(self._good, self._pending)
+                state = etcd_state_from_values(docs, self.prefix, self.name, parse=_etcd_value)
                 self._incremental = Incremental(state)
         except StateError as err:
-            self._incremental = None  # the next change validates everything
-
-            self.rejected += 1
-            self.last_error = str(err)
-            log.warning(
-                "%s: update at revision %d refused, keeping version %s:\n%s",
-                self.name,
-                self._revision,
-                self._good.version,
-                err,
-            )
+            self._refuse(err)
             return None
+        self._pending = {}
+        return self._accept(state)
+
+    def _refuse(self, err: StateError) -> None:
+        self._incremental = None  # the next change validates everything
+        self.rejected += 1
+        self.last_error = str(err)
+        log.warning(
+            "%s: update at revision %d refused, keeping version %s:\n%s",
+            self.name,
+            self._revision,
+            self._good.version,
+            err,
+        )
+
+    def _accept(self, state: ClusterState) -> ClusterState:
         self._good = state
         log.info(
             "%s: applied state version %s (revision %d)", self.name, state.version, self._revision

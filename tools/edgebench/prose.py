@@ -54,9 +54,10 @@ METHOD = {
         "etcd on loopback by a separate process. The measured process is the control plane "
         "as the daemon runs it: SQLite source (validate) -> place for one edge -> a real edge "
         "program (large limits, attached to no interface) -> `Dataplane.sync` in growing "
-        "steps -> one-machine changes through SQLite, then through etcd; RSS after each "
-        "stage and its peak (VmHWM); kernel map memory (bpftool). The file source at lab "
-        "scale (100 and 1,000 apps) in its own process; the 200k YAML re-parse timed once."
+        "steps -> one-machine changes through SQLite; RSS after each stage and its peak "
+        "(VmHWM); kernel map memory (bpftool). The etcd source followed in its own process "
+        "(as a daemon runs it); the YAML file source at 100, 1,000 and 200,000 apps, each "
+        "in its own process."
     ),
     "scrape": (
         "The scale scenario's 200,000 apps synced into a real edge program; per-CPU counters "

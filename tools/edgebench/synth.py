@@ -9,6 +9,8 @@ any wire (10.0.0.0/8 for hosts and machines, 100.64.0.0/10 for app VIPs, because
 
 from __future__ import annotations
 
+import json
+import re
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -54,3 +56,53 @@ def build(apps: int = 200_000, machines_per_app: int = 3, regions: int = 30) -> 
             })
             m += 1
     return data
+
+
+_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9._/-]*\Z")
+_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if _PLAIN.match(text) and text.lower() not in _WORDS:
+        return text
+    return json.dumps(text)  # a JSON string is a double-quoted YAML scalar
+
+
+def _emit(value: Any, indent: str, out: list[str]) -> None:
+    """Block style, as yaml.dump writes it (sequences not indented under their key)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item:
+                out.append(f"{indent}{key}:\n")
+                _emit(item, indent if isinstance(item, list) else indent + "  ", out)
+            else:
+                out.append(f"{indent}{key}: {_flow(item)}\n")
+    else:
+        for item in value:
+            if isinstance(item, dict) and item:
+                first = len(out)
+                _emit(item, indent + "  ", out)
+                out[first] = f"{indent}- " + out[first][len(indent) + 2 :]
+            else:
+                out.append(f"{indent}- {_flow(item)}\n")
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    return _scalar(value)
+
+
+def yaml_text(data: dict[str, Any]) -> str:
+    """``data`` as a block-style YAML file, in seconds rather than the minute
+    ``yaml.dump`` takes for 200,000 apps; ``yaml.safe_load`` gives ``data`` back."""
+    out: list[str] = []
+    _emit(data, "", out)
+    return "".join(out)
