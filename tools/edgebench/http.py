@@ -7,6 +7,8 @@ Cases (wrk -t1 -cC keep-alive, 13-byte body):
 - nginx-local / nginx-remote: nginx proxy_pass (upstream keep-alive) → same machines
 - haproxy-local / haproxy-remote: HAProxy mode http → same machines
 - h2c: h2load (prior knowledge) to edgeproxy-local and to nginx-local (`listen … http2`)
+- python-floor: `pyfloor.py`, a bench-only uvloop forwarder with no HTTP semantics,
+  → the local machine: the least a Python proxy can spend per request
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ CASES: dict[str, tuple[str, str | None]] = {
     "nginx-remote": (f"http://{EDGE_HOST}:8082/", None),
     "haproxy-local": (f"http://{EDGE_HOST}:9081/", None),
     "haproxy-remote": (f"http://{EDGE_HOST}:9082/", None),
+    "python-floor": (f"http://{EDGE_HOST}:9091/", None),
 }
+PYFLOOR = Path(__file__).with_name("pyfloor.py")
 
 
 def _upstream(addr: str, big: Path) -> str:
@@ -127,6 +131,12 @@ def measure(result: Result, runs: int, quick: bool) -> None:
                               [(EDGE_HOST, 8081), (EDGE_HOST, 8083)])
             hap = peers.haproxy(net, net.edge, "haproxy-http", PROXY_HAPROXY,
                                 [(EDGE_HOST, 9081)], mode="http")
+            floor = net.procs.spawn(
+                [str(VENV_PYTHON), str(PYFLOOR), EDGE_HOST, "9091", EDGE_MACHINE,
+                 str(MACHINE_PORT)], netns=net.edge, log=net.dir / "pyfloor.log")
+            wait_for("python floor listening",
+                     lambda: floor.poll() is None and peers.listening(net, net.edge, EDGE_HOST,
+                                                                      9091), 15.0)
             pins = [PIN_ROOT / f"bench-{os.getpid()}-{n}" for n in ("hedge", "hworker")]
             wd = _daemon(net, net.worker, "hworker", "worker", "bench-worker")
             ed = _daemon(net, net.edge, "hedge", "both", "bench-edge")
@@ -193,6 +203,7 @@ def measure(result: Result, runs: int, quick: bool) -> None:
     relate(result.rows, "edgeproxy-backhaul", "nginx-remote", "p99", ("<=", 1.5))
     relate(result.rows, "haproxy-local", "nginx-local", "req-rate")
     relate(result.rows, "haproxy-remote", "nginx-remote", "req-rate")
+    relate(result.rows, "python-floor", "nginx-local", "req-rate")
     relate(result.rows, "edgeproxy-local-h2c", "nginx-local-h2c", "req-rate")
     relate(result.rows, "edgeproxy-local", "nginx-local", "transfer")
     relate(result.rows, "edgeproxy-backhaul", "nginx-local", "transfer")
@@ -208,6 +219,10 @@ def measure(result: Result, runs: int, quick: bool) -> None:
         "One worker process each: edgeproxy is one asyncio process (uvloop); nginx "
         "worker_processes 1; HAProxy nbthread 1. The edgeproxy worker daemon (backhaul "
         "side) is a second process, as an nginx/HAProxy remote case has none.",
+        "python-floor: one uvloop process relaying bodiless requests and Content-Length "
+        "responses as bytes over a pooled upstream (tools/edgebench/pyfloor.py): no header "
+        "rules, routing, limits or checks. It bounds what any Python proxy design could "
+        "reach here, and is not a product.",
         "peak RSS = VmHWM over the whole scenario (the 100 MB transfers ran last); "
         "for nginx, its one worker process. " + "; ".join(
             f"{k}: idle {v['idle_mib']:.1f} → peak {v['peak_mib']:.1f} MiB"

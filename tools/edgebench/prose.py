@@ -43,7 +43,9 @@ METHOD = {
         "worker process each: the edgeproxy daemon (role `both`, so the `local` app's machine "
         "is on the edge host and is reached directly, the `remote` app's machine is on the "
         "worker, reached over the HTTP/2 backhaul through the worker's edgeproxy daemon), "
-        "nginx `proxy_pass` with upstream keep-alive, HAProxy `mode http` (nbthread 1). "
+        "nginx `proxy_pass` with upstream keep-alive, HAProxy `mode http` (nbthread 1), "
+        "and `python-floor` (a bench-only uvloop forwarder with no HTTP semantics: the least "
+        "any Python proxy spends per request). "
         "Load: `wrk -t1 -cC -dT` keep-alive GETs (latency percentiles from wrk's own "
         "histogram) and `h2load` (h2c prior knowledge) for edgeproxy. Transfer: one 100 MB "
         "GET through each proxy (curl, to /dev/null), with the proxy's peak RSS (VmHWM)."
@@ -173,6 +175,13 @@ def why(name: str, res: dict[str, Any]) -> list[str]:
                 "both. The 90%-of-nginx target is out of reach for this design; it needs the "
                 "hot path out of Python (or several processes, which the peers were not "
                 "given either).")
+            pf = m("python-floor", "req-rate")
+            if pf:
+                out.append(
+                    f"The floor: a uvloop forwarder that does nothing but relay bytes over a "
+                    f"pooled upstream reached {pf:,.0f} req/s ({pf / nl:.0%} of nginx) in "
+                    f"the same run, so no Python design reaches 90% of nginx here; edgeproxy's "
+                    f"own HTTP work costs the difference between {el:,.0f} and {pf:,.0f}.")
     return out
 
 
