@@ -379,7 +379,7 @@ static __always_inline int edge_return(void *ctx, const int tc)
     }
     if (ct) {
         touch_flow(ct);
-        ct->packets_out += 1;   /* this direction's own line: plain adds */
+        ct->packets_out += 1;   /* plain adds: one CPU serves a direction */
         ct->bytes_out += payload;
         count_packet(ct->machine, payload, 1);
         track_close(ct, tcp_flags(tcp), CT_FIN_OUT);
@@ -514,7 +514,7 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
 stick:
         machine = ct->machine;
         touch_flow(ct);
-        ct->packets_in += 1;    /* this direction's own line: plain adds */
+        ct->packets_in += 1;    /* plain adds: one CPU serves a direction */
         ct->bytes_in += payload;
         track_close(ct, flags, CT_FIN_IN);
     } else if (!new_syn) {

@@ -168,9 +168,8 @@ class CtKey(ct.Structure):
 class CtValue(ct.Structure):
     _fields_ = [("flags", ct.c_uint64), ("last_seen_ns", ct.c_uint64),
                 ("machine", ct.c_uint32), ("service", ct.c_uint32),
-                ("created_ns", ct.c_uint64), ("pad_hot", ct.c_uint64 * 9),
+                ("created_ns", ct.c_uint64),
                 ("packets_in", ct.c_uint64), ("bytes_in", ct.c_uint64),
-                ("pad_in", ct.c_uint64 * 8),
                 ("packets_out", ct.c_uint64), ("bytes_out", ct.c_uint64)]
 
 
