@@ -102,6 +102,23 @@ def test_file_source_keeps_the_last_good_state_on_a_bad_write(state_file: Path) 
     assert source.rejected == 1
 
 
+def test_file_source_says_when_the_good_state_is_back(
+        state_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = FileSource(state_file)
+    bad = LAB_TEXT.replace("soft_limit: 50, hard_limit: 100", "soft_limit: 300, hard_limit: 200")
+    replace_atomically(state_file, bad)
+    assert source.poll() is None and source.rejected == 1
+    caplog.set_level("INFO", logger="edgeproxy.sources")
+    replace_atomically(state_file, LAB_TEXT)  # the serving state's own bytes
+    assert source.poll() is None  # nothing to apply
+    assert "back to the serving state version" in caplog.text
+    caplog.clear()
+    replace_atomically(state_file, LAB_TEXT)
+    source.poll()
+    assert "back to the serving state" not in caplog.text  # said once
+    assert source.current() == STATE and source.rejected == 1
+
+
 def test_file_source_survives_a_partial_write(state_file: Path) -> None:
     source = FileSource(state_file)
     text = lab_text(4)

@@ -207,7 +207,7 @@ class FileSource(_PollingSource):
         if self._index is not None and self._incremental is not None:
             hunks = self._index.diff(self._buf, new)
             if hunks == []:
-                return None
+                return self._unchanged()
             if hunks is not None:
                 done, state = self._apply_hunks(hunks, new)
                 if done:
@@ -215,7 +215,7 @@ class FileSource(_PollingSource):
         elif new.size == len(self._buf):
             with contextlib.suppress(ShortRead):
                 if new.common_prefix(self._buf, 0, 0, new.size) == new.size:
-                    return None
+                    return self._unchanged()
         try:
             text = new.read(0, new.size)
         except ShortRead:
@@ -228,6 +228,14 @@ class FileSource(_PollingSource):
         except StateError:
             self._refused = digest
             raise
+
+    def _unchanged(self) -> None:
+        """The file holds the serving state's bytes: nothing to apply. After a refused
+        update that means the operator put the good state back; say so once."""
+        if self._refused is not None:
+            self._refused = None
+            log.info("%s: back to the serving state version %s; the refused update is gone",
+                     self.name, self.current().version)
 
     def _apply_hunks(self, hunks: list[Hunk], new: FileView) -> tuple[bool, ClusterState | None]:
         """(True, the state after the changed items, or None when there is nothing new
