@@ -207,7 +207,8 @@ class FileSource(_PollingSource):
         if self._index is not None and self._incremental is not None:
             hunks = self._index.diff(self._buf, new)
             if hunks == []:
-                return self._unchanged()
+                self._unchanged()
+                return None
             if hunks is not None:
                 done, state = self._apply_hunks(hunks, new)
                 if done:
@@ -215,7 +216,8 @@ class FileSource(_PollingSource):
         elif new.size == len(self._buf):
             with contextlib.suppress(ShortRead):
                 if new.common_prefix(self._buf, 0, 0, new.size) == new.size:
-                    return self._unchanged()
+                    self._unchanged()
+                    return None
         try:
             text = new.read(0, new.size)
         except ShortRead:
