@@ -17,7 +17,7 @@ import ctypes as ct
 import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -75,21 +75,62 @@ def objects(values: Sequence[Any]) -> Objs:
     return out
 
 
-class _Rows:
-    """Row sets compare as the sequences of rows they hold (tests, adoption checks)."""
+RowT = TypeVar("RowT")
+
+
+def _positions(rows: Sequence[object]) -> Ints:
+    return np.arange(len(rows), dtype=np.int64)
+
+
+def _value_columns(rows: Sequence[object], fields: Sequence[str]) -> U64s:
+    """One uint64 row per object, ``fields`` in order (tests, fakes)."""
+    return np.array([[getattr(r, f) for f in fields] for r in rows],
+                    dtype=np.uint64).reshape(len(rows), len(fields))
+
+
+class _Rows(Sequence[RowT]):
+    """Rows kept in columns; indexing builds one row object (``_row``). Row sets
+    compare as the sequences of rows they hold (tests, adoption checks)."""
 
     __slots__ = ()
+    ids: Ints
+    values: U64s
+
+    def _row(self, i: int) -> RowT:
+        raise NotImplementedError
+
+    def _take(self, keep: Ints) -> Self:
+        raise NotImplementedError
+
+    def busy(self) -> Self:
+        """The rows with a non-zero counter (or, for machines, active connection)."""
+        keep = np.flatnonzero(self.values.any(axis=1))
+        if len(keep) == len(self):
+            return self
+        return self._take(keep)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> RowT: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[RowT]: ...
+
+    def __getitem__(self, i: int | slice) -> RowT | Sequence[RowT]:
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(len(self)))]
+        return self._row(i)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):
             return NotImplemented
-        mine: list[object] = list(self)  # type: ignore[call-overload]
-        return mine == list(other)
+        return list(self) == list(other)
 
     __hash__ = None  # type: ignore[assignment]
 
 
-class MachineRows(_Rows, Sequence[MachineCounters]):
+class MachineRows(_Rows[MachineCounters]):
     """Machines' counters in columns: ``ids`` (machine id), ``apps``, ``names``
     (object arrays of str), ``ports`` and ``values`` (one uint64 row per machine,
     ``COUNTER_FIELDS`` order)."""
@@ -104,31 +145,16 @@ class MachineRows(_Rows, Sequence[MachineCounters]):
         """Columns from objects (tests, fakes); ids are positions."""
         if isinstance(rows, MachineRows):
             return rows
-        values = np.array([[getattr(r, f) for f in COUNTER_FIELDS] for r in rows],
-                          dtype=np.uint64).reshape(len(rows), len(COUNTER_FIELDS))
-        return cls(np.arange(len(rows), dtype=np.int64), objects([r.app for r in rows]),
+        return cls(_positions(rows), objects([r.app for r in rows]),
                    objects([r.machine for r in rows]),
-                   np.array([r.port for r in rows], dtype=np.int64), values)
+                   np.array([r.port for r in rows], dtype=np.int64),
+                   _value_columns(rows, COUNTER_FIELDS))
 
-    def busy(self) -> MachineRows:
-        """The rows with a non-zero counter (or active connection)."""
-        keep = np.flatnonzero(self.values.any(axis=1))
-        if len(keep) == len(self):
-            return self
+    def _take(self, keep: Ints) -> MachineRows:
         return MachineRows(self.ids[keep], self.apps[keep], self.names[keep], self.ports[keep],
                            self.values[keep])
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @overload
-    def __getitem__(self, i: int) -> MachineCounters: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[MachineCounters]: ...
-
-    def __getitem__(self, i: int | slice) -> MachineCounters | Sequence[MachineCounters]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _row(self, i: int) -> MachineCounters:
         return MachineCounters(str(self.apps[i]), str(self.names[i]), int(self.ports[i]),
                                *self.values[i].tolist())
 
@@ -139,7 +165,7 @@ class MachineRows(_Rows, Sequence[MachineCounters]):
             yield MachineCounters(app, name, port, *values)
 
 
-class ServiceRows(_Rows, Sequence[ServiceCounters]):
+class ServiceRows(_Rows[ServiceCounters]):
     """Services' counters in columns: ``ids`` (service id), ``apps``, ``names``
     (object arrays of str) and ``values`` (one uint64 row per service,
     ``SERVICE_FIELDS`` order)."""
@@ -153,29 +179,13 @@ class ServiceRows(_Rows, Sequence[ServiceCounters]):
     def of(cls, rows: Sequence[ServiceCounters]) -> ServiceRows:
         if isinstance(rows, ServiceRows):
             return rows
-        values = np.array([[getattr(r, f) for f in SERVICE_FIELDS] for r in rows],
-                          dtype=np.uint64).reshape(len(rows), len(SERVICE_FIELDS))
-        return cls(np.arange(len(rows), dtype=np.int64), objects([r.app for r in rows]),
-                   objects([r.service for r in rows]), values)
+        return cls(_positions(rows), objects([r.app for r in rows]),
+                   objects([r.service for r in rows]), _value_columns(rows, SERVICE_FIELDS))
 
-    def busy(self) -> ServiceRows:
-        """The rows with a non-zero counter."""
-        keep = np.flatnonzero(self.values.any(axis=1))
-        if len(keep) == len(self):
-            return self
+    def _take(self, keep: Ints) -> ServiceRows:
         return ServiceRows(self.ids[keep], self.apps[keep], self.names[keep], self.values[keep])
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @overload
-    def __getitem__(self, i: int) -> ServiceCounters: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[ServiceCounters]: ...
-
-    def __getitem__(self, i: int | slice) -> ServiceCounters | Sequence[ServiceCounters]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _row(self, i: int) -> ServiceCounters:
         return ServiceCounters(str(self.apps[i]), str(self.names[i]), *self.values[i].tolist())
 
     def __iter__(self) -> Iterator[ServiceCounters]:
