@@ -181,6 +181,19 @@ def test_names_are_defined_once_and_follow_conventions() -> None:
     assert "edgeproxy_app_http_response_seconds_bucket" in exported_series()
 
 
+def test_warming_builds_label_text_ahead_and_changes_no_output() -> None:
+    cold, _, _ = full_collector()
+    warm, dp, _ = full_collector()
+    assert warm.warm() == len(dp.counters.machines) > 0
+    cache = warm._kernel_text.machines
+    ids = MachineRows.of(dp.counters.machines).ids
+    assert all(isinstance(t, str) and t.endswith("} ") for t in cache.text[ids])
+    built = cache.text[ids].tolist()
+    assert scrape(warm) == scrape(cold)
+    # the scrape used the warmed text: same objects, nothing rebuilt
+    assert all(a is b for a, b in zip(built, cache.text[ids].tolist(), strict=True))
+
+
 def test_collector_emits_exactly_the_table() -> None:
     collector, _, _ = full_collector()
     samples = scrape(collector)

@@ -46,6 +46,16 @@ def hostnames_of(state: ClusterState) -> dict[str, str]:
     return {name: app.name for app in state.apps.values() for name in app.hostnames}
 
 
+def _log_warm(task: asyncio.Task[int]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.warning("building metrics label text failed: %r", exc)
+    else:
+        log.info("metrics label text built for %d machines", task.result())
+
+
 def edge_addresses(state: ClusterState) -> list[str]:
     """Host addresses of the edges: the only peers a worker's backhaul accepts."""
     return [str(h.address) for h in state.hosts.values() if h.role in ("edge", "both")]
@@ -73,6 +83,8 @@ class Daemon:
         self.applied = 0
         self.applied_at: float | None = None  # Unix time of the last apply (metrics)
         self.metrics: MetricsEndpoint | None = None
+        self.collector: EdgeproxyCollector | None = None
+        self._warming: asyncio.Task[int] | None = None
         self._lock = asyncio.Lock()  # one map writer at a time: sync and sweep
 
     def _own_host(self, state: ClusterState) -> Host:
@@ -139,6 +151,7 @@ class Daemon:
             # Hundreds of thousands of long-lived objects: keep the cyclic collector
             # from rescanning them on every later change (seconds per pass at 200k apps).
             gc.freeze()
+            self.warm_metrics()
         else:
             await self._apply_apps(old, state, changed_apps, healthy)
         self.applied += 1
@@ -178,11 +191,23 @@ class Daemon:
 
     def start_metrics(self) -> None:
         """Serve /metrics on ``metrics.listen``; the collector reads at each scrape."""
-        collector = EdgeproxyCollector(
+        collector = self.collector = EdgeproxyCollector(
             dataplane=self.dataplane,
             proxy=self.proxy, source=self.source, last_applied=lambda: self.applied_at,
             loop=asyncio.get_running_loop())
         self.metrics = MetricsEndpoint.start(self.config.metrics_listen, collector)
+        self.warm_metrics()
+
+    def warm_metrics(self) -> None:
+        """After a whole state: build every machine's label text now, in a thread,
+        rather than in the first scrape after the machines get busy."""
+        if self.collector is None or self.dataplane is None or not self.config.is_edge:
+            return
+        if self._warming is not None and not self._warming.done():
+            return  # one at a time; the next whole state warms again
+        self._warming = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self.collector.warm))
+        self._warming.add_done_callback(_log_warm)
 
     async def follow_state(self) -> None:
         async for state in self.source.watch():
