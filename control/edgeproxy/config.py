@@ -63,12 +63,13 @@ def parse_http(data: object) -> ProxySettings:
         return ProxySettings()
     if not isinstance(data, Mapping):
         raise ConfigError("http: expected a mapping")
-    fields = {f.name: f for f in dataclasses.fields(ProxySettings)}
+    defaults = ProxySettings()
+    fields = {f.name for f in dataclasses.fields(ProxySettings)}
     values: dict[str, Any] = {}
     for name, value in data.items():
         if name not in fields:
             raise ConfigError(f"http.{name}: unknown field")
-        kind = type(getattr(ProxySettings(), name))
+        kind = type(getattr(defaults, name))
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
         if not ok or isinstance(value, bool) or value < 0:
             raise ConfigError(f"http.{name}: expected a non-negative {kind.__name__}")

@@ -280,13 +280,8 @@ class EdgeproxyCollector(Collector):
             return 0
         state = self.source.current() if self.source is not None else None
         labels = self._state_labels(state)
-        for _ in range(READ_ATTEMPTS):
-            try:
-                counters = self.dataplane.read_counters(skip_idle=False)
-                break
-            except RuntimeError:  # a sync changed the id cache mid-read: again
-                continue
-        else:
+        counters = read_counters_retrying(self.dataplane, skip_idle=False)
+        if counters is None:
             return 0
         with self._kernel_lock:
             self._kernel_text.warm(counters, labels)
@@ -350,7 +345,8 @@ def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-def read_counters_retrying(dataplane: CounterSource) -> Counters | None:
+def read_counters_retrying(dataplane: CounterSource, *, skip_idle: bool = True
+                           ) -> Counters | None:
     """The kernel counters, or None when the maps cannot be read.
 
     The daemon syncs maps from a worker thread while a scrape reads them from the
@@ -359,7 +355,7 @@ def read_counters_retrying(dataplane: CounterSource) -> Counters | None:
     """
     for _ in range(READ_ATTEMPTS):
         try:
-            return dataplane.read_counters(skip_idle=True)
+            return dataplane.read_counters(skip_idle=skip_idle)
         except RuntimeError:
             continue
         except OSError as exc:
