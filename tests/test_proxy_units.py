@@ -416,7 +416,7 @@ def test_response_parser_truncated_body_is_an_error() -> None:
 
 
 def test_machine_request_head_refuses_header_injection() -> None:
-    from edgeproxy.proxy.machines import MachineRequest, _BadRequest, serialize_head
+    from edgeproxy.proxy.machines import MachineRequest, UnsendableRequest, serialize_head
 
     ok = serialize_head(MachineRequest(b"GET", b"/", [(b"host", b"a"), (b"x", b"y z")], None))
     assert ok == b"GET / HTTP/1.1\r\nhost: a\r\nx: y z\r\n\r\n"
@@ -431,9 +431,9 @@ def test_machine_request_head_refuses_header_injection() -> None:
         [(b"x\r\nevil", b"1")],
         [(b"x", b"a\x00")],
     ):
-        with pytest.raises(_BadRequest):
+        with pytest.raises(UnsendableRequest):
             serialize_head(MachineRequest(b"GET", b"/", headers, None))
-    with pytest.raises(_BadRequest):
+    with pytest.raises(UnsendableRequest):
         serialize_head(MachineRequest(b"GET", b"/ HTTP/1.1\r\nx:", [], None))
 
 

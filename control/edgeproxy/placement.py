@@ -136,6 +136,8 @@ def choose(
     """
     for tier in table.tiers:
         best = _least_loaded_below(tier, load, table.hard_limit)
+        if len(best) == 1:
+            return best[0]
         if best:
             return (rng or _RNG).choice(best)
     return None

@@ -219,14 +219,32 @@ class CpuMeter:
         task = asyncio.current_task()
         if task is None:
             return
+        task.set_name(self._tag_name(app))
+        if self.budgets is not None and self._loop is not None:
+            self.budgets.requested(app, self._loop.time())
+
+    def _tag_name(self, app: str) -> str:
         name = self._names.get(app)
         if name is None:
             if len(self._names) > 65536:
                 self._names.clear()
             name = self._names[app] = TAG_PREFIX + app
-        task.set_name(name)
-        if self.budgets is not None and self._loop is not None:
-            self.budgets.requested(app, self._loop.time())
+        return name
+
+    # Work done outside tasks (the fast lane's protocol callbacks) is charged by
+    # its caller, timed the same way as a task step.
+    def admit(self, app: str) -> bool:
+        """Note a request of ``app``; False while the app is over its budget (the
+        caller then takes the path that waits its turn)."""
+        budgets, loop = self.budgets, self._loop
+        if budgets is None or loop is None:
+            return True
+        now = loop.time()
+        budgets.requested(app, now)
+        return not budgets.throttled(app, now)
+
+    def charge(self, app: str, seconds: float) -> None:
+        self.steps[self._tag_name(app)] += seconds
 
     async def wait_turn(self, app: str, timeout: float) -> bool:
         """False when ``app`` is still over its CPU budget after ``timeout`` seconds."""

@@ -41,6 +41,16 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 
 @dataclass(frozen=True, slots=True)
+class PriorAttempt:
+    """An attempt the fast lane (proxy/fastlane.py) already made for a request it
+    hands to the general path: the machine it went to, and the replay that machine
+    asked for (None: the attempt failed before a response head)."""
+
+    machine_id: str
+    replay: ReplayDirective | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyRequest:
     method: bytes
     target: bytes
@@ -52,6 +62,7 @@ class ProxyRequest:
     body: BodyReader | None  # None: no body
     content_length: int | None = None
     websocket: bool = False
+    prior: PriorAttempt | None = None
 
 
 @dataclass(slots=True)
@@ -216,6 +227,17 @@ class Forwarder:
         replayed = False
         attempts = 0
         last_error = "no machine answered"
+        prior = request.prior
+        if prior is not None and prior.replay is not None:
+            self.counters.replays[table.app] += 1
+            hints, exclude = prior.replay.hints(prior.machine_id)
+            fwd_headers = [*fwd_headers, (h.REPLAY_SOURCE, prior.machine_id.encode())]
+            replayed = True
+        elif prior is not None:
+            self.counters.retries[table.app] += 1
+            attempts = 1
+            last_error = "the machine failed before answering"
+            exclude = frozenset({prior.machine_id})
         while True:
             tables = candidate_tables(table, hints, exclude)
             if not any(t.tiers for t in tables):
@@ -237,15 +259,15 @@ class Forwarder:
                 retry = request.method in IDEMPOTENT
                 last_error = f"connection reset: {exc}"
             except UpstreamTimeout:
-                self._drop_slot(table, backend, leases)
+                self.drop_slot(table, backend, leases)
                 return error_response(504, request_id, "machine did not answer in time")
             except ClientBodyError as exc:
-                self._drop_slot(table, backend, leases)
+                self.drop_slot(table, backend, leases)
                 response = error_response(exc.status, request_id, exc.reason)
                 response.close = True
                 return response
             except BaseException:
-                self._drop_slot(table, backend, leases)
+                self.drop_slot(table, backend, leases)
                 raise
             else:
                 directive = self._replay_directive(upstream, body, replayed)
@@ -253,13 +275,13 @@ class Forwarder:
                     return self._respond(upstream, request_id, table, backend, leases)
                 # Replay: drop this answer, send the same request where the machine said.
                 await upstream.aclose()
-                self._drop_slot(table, backend, leases)
+                self.drop_slot(table, backend, leases)
                 self.counters.replays[table.app] += 1
                 hints, exclude = directive.hints(backend.machine_id)
                 fwd_headers = [*fwd_headers, (h.REPLAY_SOURCE, backend.machine_id.encode())]
                 replayed = True
                 continue
-            self._drop_slot(table, backend, leases)
+            self.drop_slot(table, backend, leases)
             replayable = body is None or body.replayable
             if not (retry and replayable and attempts < self.settings.max_attempts):
                 return error_response(502, request_id, last_error)
@@ -286,12 +308,41 @@ class Forwarder:
             return held  # this connection already counts against that machine
         backend = await self._acquire(table.app, tables)
         if backend is not None:
-            if held is not None:
-                self.release(table.app, held.machine_id)
-            leases.by_app[table.app] = backend
+            self._lease(table.app, backend, held, leases)
         return backend
 
-    def _drop_slot(self, table: ServiceTable, backend: Backend, leases: ConnectionLeases) -> None:
+    def try_slot(
+        self, table: ServiceTable, tables: list[ServiceTable], leases: ConnectionLeases
+    ) -> Backend | None:
+        """``_slot`` without waiting: a machine with a slot taken, or None when the
+        request would have to queue (the fast lane then hands it to the general path)."""
+        if table.concurrency_type != "connections":
+            return self.admission.try_acquire(table.app, tables)
+        held = leases.by_app.get(table.app)
+        if held is not None and any(held in tier for t in tables for tier in t.tiers):
+            return held
+        backend = self.admission.try_acquire(table.app, tables)
+        if backend is not None:
+            self._lease(table.app, backend, held, leases)
+        return backend
+
+    def _lease(
+        self, app: str, backend: Backend, held: Backend | None, leases: ConnectionLeases
+    ) -> None:
+        if held is not None:
+            self.release(app, held.machine_id)
+        leases.by_app[app] = backend
+
+    def end_slot(self, table: ServiceTable, backend: Backend) -> None:
+        """A request finished: give its slot back (a connection's lease stays)."""
+        if table.concurrency_type != "connections":
+            self.release(table.app, backend.machine_id)
+
+    def is_local(self, backend: Backend) -> bool:
+        """The machine is on this host: reached directly, not over the backhaul."""
+        return address_text(backend.worker_address) in self.settings.host_addresses
+
+    def drop_slot(self, table: ServiceTable, backend: Backend, leases: ConnectionLeases) -> None:
         """End this request's claim on ``backend`` (a failed or replayed attempt)."""
         if table.concurrency_type == "connections":
             if leases.by_app.get(table.app) == backend:
@@ -309,7 +360,7 @@ class Forwarder:
         body: ReplayableBody | None,
     ) -> UpstreamResponse:
         timeout = self.settings.response_timeout
-        if _text(backend.worker_address) in self.settings.host_addresses:
+        if self.is_local(backend):
             host = [(b"host", request.authority)] if request.authority else []
             machine_request = MachineRequest(
                 request.method,
@@ -320,7 +371,7 @@ class Forwarder:
                 request.websocket,
             )
             return await self.machines.exchange(
-                _text(backend.address), backend.port, machine_request, timeout
+                address_text(backend.address), backend.port, machine_request, timeout
             )
         backhaul_request = BackhaulRequest(
             app=table.app,
@@ -350,19 +401,18 @@ class Forwarder:
             upstream.tunnel,
         )
         response.on_close.append(upstream.aclose)
-        if table.concurrency_type != "connections":
 
-            async def release() -> None:
-                self.release(table.app, backend.machine_id)
+        async def release() -> None:
+            self.end_slot(table, backend)
 
-            response.on_close.append(release)
+        response.on_close.append(release)
         return response
 
 
 _ADDRESS_TEXT: dict[object, str] = {}
 
 
-def _text(address: object) -> str:
+def address_text(address: object) -> str:
     """str() of an IP address, cached: ipaddress formats it anew on every call."""
     text = _ADDRESS_TEXT.get(address)
     if text is None:

@@ -31,6 +31,19 @@ _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)(;[\x20-\x7e\x80-\xff\t]*)?")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+
+# The usual shapes in one match each; anything else goes through the checks that
+# name what is wrong. A field line: token ":" OWS field-value OWS.
+_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) HTTP/1\.([0-9])"
+)
+_FIELD_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+    rb"((?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?)[ \t]*"
+)
+_FRAMING_FIELDS = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"}
+)
 _DIGITS = re.compile(rb"[0-9]+")
 
 
@@ -85,16 +98,23 @@ Event = RequestHead | Data | EndOfMessage
 
 
 def _split_head_lines(head: bytes) -> list[bytes]:
-    if _BARE_LF.search(head):
-        raise HttpError(400, "bare LF line ending")
     lines = head.split(b"\r\n")
-    for line in lines:
-        if b"\r" in line:
-            raise HttpError(400, "bare CR")
+    crlfs = len(lines) - 1
+    # Every CR and every LF must belong to a CRLF: two C-level counts decide the
+    # common case; only a head that breaks the rule is searched for which break.
+    if head.count(b"\n") != crlfs or head.count(b"\r") != crlfs:
+        if _BARE_LF.search(head):
+            raise HttpError(400, "bare LF line ending")
+        raise HttpError(400, "bare CR")
     return lines
 
 
 def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is not None:  # the usual shape in one pass; the checks below name errors
+        method, target, minor = match.groups()
+        if method != b"CONNECT" and target[:1] == b"/":
+            return method, target, b"1.1" if minor != b"0" else b"1.0"
     parts = line.split(b" ")
     if len(parts) != 3:
         raise HttpError(400, "malformed request line")
@@ -121,7 +141,14 @@ def parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     if len(lines) > MAX_HEADERS:
         raise HttpError(431, "too many header fields")
     headers: list[tuple[bytes, bytes]] = []
+    field_line = _FIELD_LINE.fullmatch
     for line in lines:
+        match = field_line(line)
+        if match is not None:
+            name, value = match.groups()
+            headers.append((name.lower(), value))
+            continue
+        # Not a valid field line: say what is wrong with it.
         if line[:1] in (b" ", b"\t"):
             raise HttpError(400, "obs-fold header continuation")
         name, colon, value = line.partition(b":")
@@ -140,9 +167,13 @@ def _comma_list(values: list[bytes]) -> list[bytes]:
 
 def interpret_framing(head: RequestHead) -> None:
     """Decide body framing; refuse every ambiguous shape (the smuggling defences)."""
-    lengths = [v for k, v in head.headers if k == b"content-length"]
-    codings = [v for k, v in head.headers if k == b"transfer-encoding"]
-    hosts = [v for k, v in head.headers if k == b"host"]
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in head.headers:
+        if name in _FRAMING_FIELDS:
+            found.setdefault(name, []).append(value)
+    lengths = found.get(b"content-length", [])
+    codings = found.get(b"transfer-encoding", [])
+    hosts = found.get(b"host", [])
     if head.http_version == b"1.1" and len(hosts) != 1:
         raise HttpError(400, "exactly one Host header required")
     if len(hosts) > 1:
@@ -162,13 +193,36 @@ def interpret_framing(head: RequestHead) -> None:
         if not _DIGITS.fullmatch(value) or len(value) > MAX_CONTENT_LENGTH_DIGITS:
             raise HttpError(400, "bad Content-Length")
         head.content_length = int(value)
-    connection = _comma_list([v for k, v in head.headers if k == b"connection"])
+    connection = _comma_list(found.get(b"connection", []))
     if head.http_version == b"1.0":
         head.keep_alive = b"keep-alive" in connection
     else:
         head.keep_alive = b"close" not in connection
-    expect = head.header(b"expect")
-    head.expect_continue = expect is not None and expect.lower() == b"100-continue"
+    expect = found.get(b"expect")
+    head.expect_continue = expect is not None and expect[0].lower() == b"100-continue"
+
+
+def check_incomplete_head(buffer: bytes | bytearray) -> None:
+    """Refuse a head that is not complete yet but can already not be valid."""
+    if _BARE_LF.search(buffer):
+        raise HttpError(400, "bare LF line ending")
+    line_end = buffer.find(b"\r\n")
+    if (line_end < 0 and len(buffer) > MAX_REQUEST_LINE) or line_end > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    if len(buffer) > MAX_HEAD:
+        raise HttpError(431, "request head too large")
+
+
+def parse_head(block: bytes) -> RequestHead:
+    """A whole request head (request line and fields, without the blank line),
+    validated and with its framing decided; HttpError for anything malformed."""
+    lines = _split_head_lines(block)
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    method, target, version = parse_request_line(lines[0])
+    head = RequestHead(method, target, version, parse_header_lines(lines[1:]))
+    interpret_framing(head)
+    return head
 
 
 @dataclass(slots=True)
@@ -248,14 +302,8 @@ class RequestParser:
             return NEED_DATA
         if end + 4 > MAX_HEAD:
             raise HttpError(431, "request head too large")
-        head_bytes = bytes(self.buffer[:end])
+        head = parse_head(bytes(self.buffer[:end]))
         del self.buffer[: end + 4]
-        lines = _split_head_lines(head_bytes)
-        if len(lines[0]) > MAX_REQUEST_LINE:
-            raise HttpError(414, "request line too long")
-        method, target, version = parse_request_line(lines[0])
-        head = RequestHead(method, target, version, parse_header_lines(lines[1:]))
-        interpret_framing(head)
         if head.chunked:
             self._state = "chunk_size"
         elif head.content_length:
@@ -266,13 +314,7 @@ class RequestParser:
         return head
 
     def _check_incomplete_head(self) -> None:
-        if _BARE_LF.search(self.buffer):
-            raise HttpError(400, "bare LF line ending")
-        line_end = self.buffer.find(b"\r\n")
-        if (line_end < 0 and len(self.buffer) > MAX_REQUEST_LINE) or line_end > MAX_REQUEST_LINE:
-            raise HttpError(414, "request line too long")
-        if len(self.buffer) > MAX_HEAD:
-            raise HttpError(431, "request head too large")
+        check_incomplete_head(self.buffer)
 
     def _read_length_body(self) -> Data | EndOfMessage | NeedData:
         if self._remaining == 0:

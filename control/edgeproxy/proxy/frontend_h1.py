@@ -14,6 +14,7 @@ from edgeproxy.proxy.bodies import read_ready
 from edgeproxy.proxy.forward import (
     ConnectionLeases,
     Forwarder,
+    PriorAttempt,
     ProxyRequest,
     ProxyResponse,
     error_response,
@@ -25,6 +26,7 @@ from edgeproxy.proxy.framing import (
     RequestHead,
     RequestParser,
 )
+from edgeproxy.proxy.streams import ByteReader, ByteWriter
 from edgeproxy.proxy.upstream import ClientBodyError, SocketTunnel, UpstreamError, splice
 
 READ_SIZE = 64 * 1024
@@ -42,7 +44,7 @@ class ClientTimeouts:
 class _ClientBody:
     """The request body as the parser frames it, read from the socket on demand."""
 
-    def __init__(self, parser: RequestParser, reader: asyncio.StreamReader, timeout: float) -> None:
+    def __init__(self, parser: RequestParser, reader: ByteReader, timeout: float) -> None:
         self._parser = parser
         self._reader = reader
         self._timeout = timeout
@@ -89,15 +91,20 @@ def is_websocket_upgrade(head: RequestHead) -> bool:
 
 
 class H1Connection:
+    """The general HTTP/1.1 path: any request, on coroutines. Serves a whole
+    connection (``serve``), or single requests of a connection the fast lane owns
+    (``serve_one``)."""
+
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: ByteReader,
+        writer: ByteWriter,
         forwarder: Forwarder,
         client: h.ClientInfo,
         local_address: str,
         timeouts: ClientTimeouts,
         first_bytes: bytes = b"",
+        leases: ConnectionLeases | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -107,7 +114,8 @@ class H1Connection:
         self.timeouts = timeouts
         self.parser = RequestParser()
         self.parser.feed(first_bytes)
-        self.leases = ConnectionLeases()
+        self._owns_leases = leases is None
+        self.leases = ConnectionLeases() if leases is None else leases
 
     async def serve(self) -> None:
         try:
@@ -116,8 +124,26 @@ class H1Connection:
         except (ConnectionError, OSError, UpstreamError, TimeoutError):
             pass  # the client or the machine went away mid-response: just close
         finally:
-            self.forwarder.release_connection(self.leases)
+            if self._owns_leases:
+                self.forwarder.release_connection(self.leases)
             self.writer.close()
+
+    async def serve_one(
+        self, head: RequestHead | None = None, prior: PriorAttempt | None = None
+    ) -> bool:
+        """One request of a connection owned by the caller, read from ``reader``
+        unless its bodiless ``head`` was parsed already. True when the connection may
+        carry the next request (then ``parser.buffer`` holds bytes read beyond this
+        one). Never closes the writer."""
+        try:
+            if head is not None:
+                return await self._serve_parsed(head, None, prior)
+            keep = await self._serve_one()
+            if keep:
+                self.parser.next_request()
+            return keep
+        except (ConnectionError, OSError, UpstreamError, TimeoutError):
+            return False
 
     async def _read_head(self) -> RequestHead | None:
         """The next request head; None when the client is gone or idle too long."""
@@ -172,6 +198,11 @@ class H1Connection:
         else:
             end = self.parser.next_event()
             assert isinstance(end, EndOfMessage)
+        return await self._serve_parsed(head, body)
+
+    async def _serve_parsed(
+        self, head: RequestHead, body: _ClientBody | None, prior: PriorAttempt | None = None
+    ) -> bool:
         websocket = is_websocket_upgrade(head)
         request = ProxyRequest(
             method=head.method,
@@ -184,6 +215,7 @@ class H1Connection:
             body=body,
             content_length=head.content_length,
             websocket=websocket,
+            prior=prior,
         )
         response = await self.forwarder.handle(request, self.leases)
         try:
@@ -220,7 +252,7 @@ class H1Connection:
     async def _write_error(self, response: ProxyResponse) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             self.writer.write(
-                _head_bytes(
+                head_bytes(
                     response.status, response.reason, [*response.headers, (b"connection", b"close")]
                 )
             )
@@ -229,21 +261,10 @@ class H1Connection:
         await response.aclose()
 
     async def _write_response(self, head: RequestHead, response: ProxyResponse) -> bool:
-        headers = list(response.headers)
-        no_body = (
-            head.method == b"HEAD" or response.status in _NO_BODY_STATUSES or response.status < 200
-        )
-        has_length = h.header_value(headers, b"content-length") is not None
-        chunked = not no_body and not has_length and head.http_version == b"1.1"
-        keep = head.keep_alive and not response.close and (no_body or has_length or chunked)
-        if chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
-        if not keep:
-            headers.append((b"connection", b"close"))
-        elif head.http_version == b"1.0":
-            headers.append((b"connection", b"keep-alive"))
-        out = _head_bytes(response.status, response.reason, headers)
-        if not no_body:
+        framing = response_framing(head, response.status, response.headers, response.close)
+        chunked, keep = framing.chunked, framing.keep
+        out = head_bytes(response.status, response.reason, framing.headers)
+        if not framing.no_body:
             # A body already buffered (the usual small response) leaves with its head
             # in one write; otherwise the head goes first and the body streams after.
             chunk = read_ready(response.body)
@@ -283,7 +304,7 @@ class H1Connection:
     async def _tunnel(self, response: ProxyResponse) -> None:
         assert response.tunnel is not None
         headers = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket"), *response.headers]
-        self.writer.write(_head_bytes(101, b"Switching Protocols", headers))
+        self.writer.write(head_bytes(101, b"Switching Protocols", headers))
         await self.writer.drain()
         # Bytes the client sent right after its handshake belong to the tunnel.
         leftover = bytes(self.parser.buffer)
@@ -308,7 +329,33 @@ def _origin_form(target: bytes) -> bytes:
     return target
 
 
-def _head_bytes(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+@dataclass(frozen=True, slots=True)
+class ResponseFraming:
+    headers: h.Headers  # the response's headers plus ours for framing and keep-alive
+    no_body: bool  # HEAD, 1xx, 204, 304
+    chunked: bool  # we chunk the body (no Content-Length, an HTTP/1.1 client)
+    keep: bool  # the connection carries the next request afterwards
+
+
+def response_framing(
+    head: RequestHead, status: int, headers: h.Headers, close: bool
+) -> ResponseFraming:
+    """How a response to ``head`` goes out on HTTP/1.x (RFC 9112 6.3, 9.3)."""
+    out = list(headers)
+    no_body = head.method == b"HEAD" or status in _NO_BODY_STATUSES or status < 200
+    has_length = h.header_value(out, b"content-length") is not None
+    chunked = not no_body and not has_length and head.http_version == b"1.1"
+    keep = head.keep_alive and not close and (no_body or has_length or chunked)
+    if chunked:
+        out.append((b"transfer-encoding", b"chunked"))
+    if not keep:
+        out.append((b"connection", b"close"))
+    elif head.http_version == b"1.0":
+        out.append((b"connection", b"keep-alive"))
+    return ResponseFraming(out, no_body, chunked, keep)
+
+
+def head_bytes(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     if not reason:
         try:
             reason = HTTPStatus(status).phrase.encode()

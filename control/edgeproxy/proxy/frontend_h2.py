@@ -3,7 +3,6 @@ streams here too). Each stream is one request through the same Forwarder."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 
@@ -14,6 +13,7 @@ from edgeproxy.proxy.backhaul import send_body
 from edgeproxy.proxy.forward import ConnectionLeases, Forwarder, ProxyRequest, error_response
 from edgeproxy.proxy.frontend_h1 import ClientTimeouts
 from edgeproxy.proxy.h2session import H2Session, H2Stream, Headers, StreamReset
+from edgeproxy.proxy.streams import ByteReader, ByteWriter
 from edgeproxy.proxy.upstream import ClientBodyError, UpstreamError
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -116,8 +116,8 @@ def normalize_authority(value: bytes) -> bytes:
 class H2ClientConnection:
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: ByteReader,
+        writer: ByteWriter,
         forwarder: Forwarder,
         client: h.ClientInfo,
         local_address: str,

@@ -26,6 +26,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from edgeproxy.proxy.hpackfast import FastDecoder, StatelessEncoder
+from edgeproxy.proxy.streams import ByteReader, ByteWriter
 
 Headers = list[tuple[bytes, bytes]]
 READ_SIZE = 64 * 1024
@@ -221,8 +222,8 @@ class H2Session:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: ByteReader,
+        writer: ByteWriter,
         *,
         client_side: bool,
         on_stream: Callable[[H2Stream], Coroutine[Any, Any, None]] | None = None,

@@ -68,7 +68,7 @@ class _StaleConnection(Exception):
     """A pooled connection was closed by the machine before it answered."""
 
 
-class _BadRequest(Exception):
+class UnsendableRequest(Exception):
     """The request cannot be written as HTTP/1.1 (a CR, LF or NUL in a field)."""
 
 
@@ -93,9 +93,9 @@ def serialize_head(request: MachineRequest) -> bytes:
     head = b"".join(parts)
     # Every CR and LF must be one of ours: a field carrying one would split the head.
     if head.count(b"\n") != lines + 1 or head.count(b"\r") != lines + 1 or b"\0" in head:
-        raise _BadRequest("CR, LF or NUL in the request line or a header field")
+        raise UnsendableRequest("CR, LF or NUL in the request line or a header field")
     if b" " in request.target or b" " in request.method:
-        raise _BadRequest("space in the request line")
+        raise UnsendableRequest("space in the request line")
     return head
 
 
@@ -157,7 +157,7 @@ class MachinePool:
         """Send one request; return once the response head is in."""
         try:
             head = serialize_head(request)
-        except _BadRequest as exc:
+        except UnsendableRequest as exc:
             raise ConnectFailed(f"cannot send request: {exc}") from exc
         key = (address, port)
         conn = self._take_idle(key)

@@ -59,10 +59,17 @@ _HEAD, _LENGTH, _CHUNK_SIZE_S, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE
 _END_PENDING = 8  # a response without a body: END comes next
 
 
+# Hot-path note: CPython 3.11 builds a function object for every comprehension it
+# runs, which costs more than the loop itself on lists this short; so plain loops.
 def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    return [
-        t.strip(b" \t").lower() for k, v in headers if k == name for t in v.split(b",") if t.strip()
-    ]
+    tokens = []
+    for k, v in headers:
+        if k == name:
+            for t in v.split(b","):
+                t = t.strip(b" \t")
+                if t:
+                    tokens.append(t.lower())
+    return tokens
 
 
 class ResponseParser:
@@ -152,8 +159,13 @@ class ResponseParser:
             fields = _FIELD_LINE.findall(rest)
             if _FIELD_SECTION.fullmatch(rest) is None:
                 raise ResponseError("malformed response header section")
-        headers = [(name.lower(), value.rstrip(b" \t")) for name, value in fields]
-        framing = [(n, v) for n, v in headers if n in _FRAMING]
+        headers = []
+        framing = []
+        for name, value in fields:
+            field = (name.lower(), value.rstrip(b" \t"))
+            headers.append(field)
+            if field[0] in _FRAMING:
+                framing.append(field)
         status = int(match.group(2))
         version = b"1." + match.group(1)
         head = ResponseHead(status, match.group(3) or b"", headers, version)
@@ -172,7 +184,7 @@ class ResponseParser:
             self._state = _END_PENDING
             return head
         codings = _tokens(framing, b"transfer-encoding") if framing else []
-        lengths = [v for k, v in framing if k == b"content-length"]
+        lengths = [v for k, v in framing if k == b"content-length"] if framing else []
         if codings:
             if codings != [b"chunked"]:
                 raise ResponseError("unsupported Transfer-Encoding from machine")

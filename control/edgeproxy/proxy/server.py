@@ -12,14 +12,13 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from edgeproxy.proxy import headers as h
 from edgeproxy.proxy.admission import Admission
 from edgeproxy.proxy.backhaul import BackhaulClient, WorkerContext, serve_backhaul_stream
 from edgeproxy.proxy.balancing import Chooser, placement_chooser
 from edgeproxy.proxy.cpushare import MIN_LIMIT, CpuBudgets, CpuMeter
+from edgeproxy.proxy.fastlane import FastLane, LaneSettings
 from edgeproxy.proxy.forward import Forwarder, ForwardSettings
-from edgeproxy.proxy.frontend_h1 import ClientTimeouts, H1Connection
-from edgeproxy.proxy.frontend_h2 import PREFACE, H2ClientConnection
+from edgeproxy.proxy.frontend_h1 import ClientTimeouts
 from edgeproxy.proxy.h2session import H2Session, H2Stream
 from edgeproxy.proxy.machines import MachinePool
 from edgeproxy.proxy.routes import EMPTY_ROUTES, RouteMap, build_routes
@@ -170,6 +169,21 @@ class HttpProxy:
             body=s.body_timeout,
             tunnel_idle=s.tunnel_idle_timeout,
         )
+        self._lane = FastLane(
+            LaneSettings(
+                region=region,
+                timeouts=self._client_timeouts,
+                connect_timeout=s.connect_timeout,
+                response_timeout=s.response_timeout,
+                read_timeout=s.upstream_read_timeout,
+                pool_idle=s.machine_pool_idle,
+                pool_idle_timeout=s.machine_pool_idle_timeout,
+            ),
+            self._forwarder,
+            lambda: self._routes,
+            self._counters,
+            self._cpu,
+        )
         self._edge_servers: dict[tuple[str, int], asyncio.Server] = {}
         self._backhaul_servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
@@ -225,8 +239,9 @@ class HttpProxy:
                     sock = _listen_socket(
                         key[0], key[1], self.settings.listen_backlog, self._reuse_port
                     )
-                    self._edge_servers[key] = await asyncio.start_server(
-                        self._accept_client, sock=sock, limit=64 * 1024
+                    loop = asyncio.get_running_loop()
+                    self._edge_servers[key] = await loop.create_server(
+                        self._lane.protocol, sock=sock
                     )
                     self.listen_errors.pop(key, None)
                 except OSError as exc:
@@ -237,6 +252,7 @@ class HttpProxy:
     async def start(self) -> None:
         self._running = True
         self._cpu.start()
+        self._lane.start()
         if self.is_worker:
             for address in sorted(self.host_addresses):
                 sock = _listen_socket(
@@ -258,6 +274,7 @@ class HttpProxy:
         self._backhaul_servers.clear()
         for server in servers:
             server.close()
+        await self._lane.stop()
         for task in list(self._connections):
             task.cancel()
         for task in list(self._connections):
@@ -276,59 +293,6 @@ class HttpProxy:
             task.add_done_callback(self._connections.discard)
 
     # -- connections -------------------------------------------------------------
-    async def _accept_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self._track()
-        try:
-            peer = writer.get_extra_info("peername") or ("", 0)
-            local = writer.get_extra_info("sockname") or ("", 0)
-            _set_nodelay(writer)
-            first = await self._sniff_preface(reader)
-            if first is None:
-                return
-            # Seam for TLS/ALPN: a TLS service would wrap here and pick h1/h2 by ALPN.
-            is_h2 = first.startswith(PREFACE)
-            client = h.ClientInfo(
-                ip=str(peer[0]),
-                scheme="http",
-                local_port=int(local[1]),
-                protocol=b"2" if is_h2 else b"1.1",
-            )
-            connection = H2ClientConnection if is_h2 else H1Connection
-            await connection(
-                reader,
-                writer,
-                self._forwarder,
-                client,
-                str(local[0]),
-                self._client_timeouts,
-                first,
-            ).serve()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    async def _sniff_preface(self, reader: asyncio.StreamReader) -> bytes | None:
-        """Enough first bytes to tell an HTTP/2 preface from HTTP/1.1 (None: client left)."""
-        data = b""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.idle_timeout
-        while len(data) < len(PREFACE) and PREFACE.startswith(data):
-            try:
-                chunk = await asyncio.wait_for(
-                    reader.read(64 * 1024), max(deadline - loop.time(), 0)
-                )
-            except TimeoutError:
-                return None
-            if not chunk:
-                return None
-            data += chunk
-            # After the first byte the header timeout governs (slowloris on the preface).
-            deadline = min(deadline, loop.time() + self.settings.header_timeout)
-        return data
-
     async def _accept_backhaul(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:

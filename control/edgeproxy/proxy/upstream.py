@@ -12,6 +12,7 @@ from typing import Protocol
 
 from edgeproxy.proxy.bodies import BodyReader
 from edgeproxy.proxy.framing import HttpError
+from edgeproxy.proxy.streams import ByteReader, ByteWriter
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -78,7 +79,7 @@ class UpstreamResponse:
 
 class SocketTunnel:
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, leftover: bytes
+        self, reader: ByteReader, writer: ByteWriter, leftover: bytes
     ) -> None:
         self._reader = reader
         self._writer = writer

@@ -1,0 +1,870 @@
+"""The HTTP/1.1 fast lane: the common request served on protocol callbacks.
+
+Every client connection is a ``ClientConnection`` (an asyncio Protocol). When a
+whole request head is buffered, the lane parses it with the strict parser
+(``framing.parse_head``) and serves the request itself when it is *plain*: a
+bodiless GET/HEAD/OPTIONS/DELETE in origin form, no Upgrade or Expect, routed to
+an app that is within its CPU budget, with a slot free right now on a machine on
+this host. Such a request costs one callback for its head, one write to a pooled
+machine connection (``UpstreamConnection``), a callback per response read and a
+write to the client: no task, no coroutine chain, no timer per request (one
+sweeper per proxy checks every deadline).
+
+Everything else runs the general path (``frontend_h1``/``frontend_h2`` and
+``forward.py``) as a task that reads and writes through the same connection
+(``ConnectionStreams``): bodies, WebSockets, h2c, malformed heads (their 4xx come
+from the general path, byte for byte as before), queueing for a slot, machines
+behind the backhaul, retries after a failed attempt and replays (handed over with
+the attempt made, ``PriorAttempt``). After such a request the connection comes back
+to the lane. The rules exist once: head parsing, header rules, the balancing rule
+(through ``Admission``), response framing and counters are the general path's
+functions, called from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, cast
+
+from edgeproxy.proxy import headers as h
+from edgeproxy.proxy.bodies import read_ready
+from edgeproxy.proxy.cpushare import CpuMeter
+from edgeproxy.proxy.forward import (
+    ConnectionLeases,
+    Forwarder,
+    PriorAttempt,
+    address_text,
+    error_response,
+)
+from edgeproxy.proxy.framing import (
+    MAX_HEAD,
+    HttpError,
+    RequestHead,
+    check_incomplete_head,
+    parse_head,
+)
+from edgeproxy.proxy.frontend_h1 import ClientTimeouts, H1Connection, head_bytes, response_framing
+from edgeproxy.proxy.frontend_h2 import PREFACE, H2ClientConnection
+from edgeproxy.proxy.machines import MachineRequest, UnsendableRequest, serialize_head
+from edgeproxy.proxy.responses import (
+    END,
+    NEED_DATA,
+    Data,
+    ResponseError,
+    ResponseHead,
+    ResponseParser,
+)
+from edgeproxy.proxy.routes import RouteMap
+from edgeproxy.proxy.stats import ProxyCounters
+from edgeproxy.proxy.targeting import candidate_tables, parse_replay, parse_routing_hints
+from edgeproxy.routing import Backend, ServiceTable
+
+log = logging.getLogger(__name__)
+
+# Client bytes buffered before the socket stops being read (pipelined requests, or
+# a body the general path has not consumed yet): the kernel's buffers hold the rest.
+HIGH_WATER = 256 * 1024
+PLAIN_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
+# Fields that make a request the general path's: it answers Expect and tunnels Upgrade.
+_GENERAL_FIELDS = frozenset({b"expect", b"upgrade", b"http2-settings"})
+# Sweeper period bounds: deadlines are checked this often (a quarter of the shortest
+# timeout), so each fires at most one period late.
+MIN_TICK = 0.01
+MAX_TICK = 0.5
+
+_IDLE, _EXCHANGE, _GENERAL, _CLOSED = range(4)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneSettings:
+    region: str
+    timeouts: ClientTimeouts
+    connect_timeout: float
+    response_timeout: float  # request sent → response head (then 504)
+    read_timeout: float  # between reads of a response body
+    pool_idle: int  # idle connections kept per machine
+    pool_idle_timeout: float
+
+
+class FastLane:
+    """The listeners' protocol factory and everything its connections share."""
+
+    def __init__(
+        self,
+        settings: LaneSettings,
+        forwarder: Forwarder,
+        routes: Callable[[], RouteMap],
+        counters: ProxyCounters,
+        cpu: CpuMeter,
+    ) -> None:
+        self.settings = settings
+        self.forwarder = forwarder
+        self.routes = routes
+        self.counters = counters
+        self.cpu = cpu
+        self.pool = UpstreamPool(self)
+        self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Requests served by the lane itself, and handed to the general path.
+        self.lane_requests = 0
+        self.general_requests = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        t = settings.timeouts
+        shortest = min(t.header, t.idle, settings.response_timeout, settings.read_timeout)
+        self.tick = min(max(shortest / 4, MIN_TICK), MAX_TICK)
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self.tick, self._sweep)
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self.connections):
+            conn.abort()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.pool.close()
+
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        try:
+            for conn in list(self.connections):
+                conn.check_deadlines(now)
+            self.pool.prune(now)
+        finally:
+            self._sweeper = loop.call_later(self.tick, self._sweep)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client TCP connection; requests are served one at a time, in order."""
+
+    def __init__(self, lane: FastLane) -> None:
+        self.lane = lane
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.state = _IDLE
+        self.eof = False
+        self.first = True  # nothing served yet: an HTTP/2 preface may still come
+        self.since = self.loop.time()  # idle since / head started
+        self.head_started = False
+        self.exchange: _Exchange | None = None
+        self.leases = ConnectionLeases()
+        self.client = h.ClientInfo(ip="", scheme="http", local_port=0, protocol=b"1.1")
+        self.local_address = ""
+        self._read_paused = False
+        self.write_paused = False
+        self._reader_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    # -- asyncio callbacks ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client = h.ClientInfo(
+            ip=str(peer[0]), scheme="http", local_port=int(local[1]), protocol=b"1.1"
+        )
+        self.local_address = str(local[0])
+        self.lane.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = _CLOSED
+        self.lane.connections.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.abort()
+        self.lane.forwarder.release_connection(self.leases)
+        self._wake_reader()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("client connection lost"))
+        self._drain_waiters.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.state == _IDLE:
+            self.serve_next()
+            return
+        self._wake_reader()
+        if len(self.buffer) > HIGH_WATER and not self._read_paused and self.transport:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        if self.state == _IDLE:
+            self.serve_next()
+            if self.state == _IDLE:
+                self.close()
+        return True  # half-closed: the answer to a request already sent still goes out
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.pause_upstream()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.resume_upstream()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- the lane ---------------------------------------------------------------------
+    def serve_next(self) -> None:
+        """Serve the buffered request, if its head is complete (state IDLE)."""
+        buf = self.buffer
+        if not buf:
+            return
+        if not self.head_started:
+            self.head_started = True
+            self.since = self.loop.time()
+        if self.first:
+            n = min(len(buf), len(PREFACE))
+            if buf[:n] == PREFACE[:n]:
+                if n == len(PREFACE):
+                    self.general(h2=True)
+                return  # HTTP/2 prior knowledge, or a prefix of it so far
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            # Incomplete. What the strict parser refuses before the head ends
+            # (bare LF, too long) goes to it now, not after the header timeout.
+            try:
+                check_incomplete_head(buf)
+            except HttpError:
+                self.general()
+            return
+        if end + 4 > MAX_HEAD or buf.startswith(b"\r\n"):
+            self.general()
+            return
+        try:
+            head = parse_head(bytes(buf[:end]))
+        except HttpError:
+            self.general()  # the general path answers with the same error
+            return
+        if not _plain(head):
+            self.general()
+            return
+        del buf[: end + 4]
+        self.first = False
+        self.head_started = False
+        self._start(head)
+
+    def _start(self, head: RequestHead) -> None:
+        lane = self.lane
+        forwarder = lane.forwarder
+        started = time.monotonic()
+        timed = lane.cpu.busy
+        clock = perf_counter() if timed else 0.0
+        host = head.header(b"host")
+        table = lane.routes().resolve(host, self.local_address, self.client.local_port)
+        if table is None or not lane.cpu.admit(table.app):
+            self.general(head)  # 404, or wait for the app's CPU turn
+            return
+        try:
+            hints = parse_routing_hints(head.headers)
+        except HttpError:
+            self.general(head)
+            return
+        tables = candidate_tables(table, hints)
+        backend = forwarder.try_slot(table, tables, self.leases)
+        if backend is None:
+            self.general(head)  # no machine (503) or the app's queue
+            return
+        if not forwarder.is_local(backend):
+            forwarder.drop_slot(table, backend, self.leases)
+            self.general(head)  # over the backhaul
+            return
+        request_id = h.new_request_id()
+        others = []
+        for field in head.headers:
+            if field[0] != b"host":
+                others.append(field)
+        fields = h.forward_request_headers(others, self.client, lane.settings.region, request_id)
+        if host is not None:
+            fields.insert(0, (b"host", host))
+        try:
+            wire = serialize_head(MachineRequest(head.method, head.target, fields, None))
+        except UnsendableRequest:
+            forwarder.drop_slot(table, backend, self.leases)
+            self.general(head)
+            return
+        exchange = _Exchange(self, head, table, backend, request_id, wire, started)
+        lane.lane_requests += 1
+        self.exchange = exchange
+        self.state = _EXCHANGE
+        lane.pool.send(exchange)
+        if timed:
+            lane.cpu.charge(table.app, perf_counter() - clock)
+
+    def exchange_done(self, keep: bool) -> None:
+        self.exchange = None
+        if self.state == _CLOSED:
+            return
+        if not keep:
+            self.close()
+            return
+        self._back_to_lane()
+
+    def _back_to_lane(self) -> None:
+        self.state = _IDLE
+        self.since = self.loop.time()
+        self.head_started = False
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        self.serve_next()
+        if self.state == _IDLE and self.eof and not self.buffer:
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and self.state != _CLOSED:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+    def check_deadlines(self, now: float) -> None:
+        settings = self.lane.settings
+        if self.state == _IDLE:
+            if self.buffer and now - self.since > settings.timeouts.header:
+                # Slowloris: the head did not arrive in time.
+                self.write(error_bytes(408, h.new_request_id(), "request head timed out"))
+                self.close()
+            elif not self.buffer and now - self.since > settings.timeouts.idle:
+                self.close()
+        elif self.state == _EXCHANGE and self.exchange is not None:
+            self.exchange.check_deadline(now)
+
+    # -- the general path ---------------------------------------------------------------
+    def general(
+        self, head: RequestHead | None = None, prior: PriorAttempt | None = None, h2: bool = False
+    ) -> None:
+        """Serve the next request (or, for h2c, the rest of the connection) on the
+        general path; ``head``: already taken from the buffer."""
+        self.state = _GENERAL
+        self.lane.general_requests += 1
+        self.lane.spawn(self._run_general(head, prior, h2))
+
+    async def _run_general(
+        self, head: RequestHead | None, prior: PriorAttempt | None, h2: bool
+    ) -> None:
+        lane = self.lane
+        streams = ConnectionStreams(self)
+        keep = False
+        try:
+            if h2:
+                first = bytes(self.buffer)
+                self.buffer.clear()
+                client = h.ClientInfo(self.client.ip, "http", self.client.local_port, b"2")
+                await H2ClientConnection(
+                    streams,
+                    streams,
+                    lane.forwarder,
+                    client,
+                    self.local_address,
+                    lane.settings.timeouts,
+                    first,
+                ).serve()
+            else:
+                conn = H1Connection(
+                    streams,
+                    streams,
+                    lane.forwarder,
+                    self.client,
+                    self.local_address,
+                    lane.settings.timeouts,
+                    leases=self.leases,
+                )
+                keep = await conn.serve_one(head, prior)
+                if keep:
+                    self.buffer[:0] = conn.parser.buffer
+        except (ConnectionError, OSError):
+            keep = False
+        except Exception:
+            log.exception("request failed on the general path")
+            keep = False
+        if self.state == _CLOSED:
+            return
+        if not keep:
+            self.close()
+            return
+        self.first = False
+        self._back_to_lane()
+
+    def _wake_reader(self) -> None:
+        waiter = self._reader_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self, n: int) -> bytes:
+        """For ``ConnectionStreams``: buffered bytes, b"" at the end."""
+        while not self.buffer:
+            if self.eof or self.state == _CLOSED:
+                return b""
+            waiter = self.loop.create_future()
+            self._reader_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._reader_waiter = None
+        buf = self.buffer
+        if n < 0 or n >= len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        if self._read_paused and len(buf) <= HIGH_WATER // 2 and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def drain(self) -> None:
+        if self.state == _CLOSED:
+            raise ConnectionResetError("client connection lost")
+        if not self.write_paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+
+class ConnectionStreams:
+    """A ClientConnection as the reader and writer the general path expects."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._conn.read(n)
+
+    def write(self, data: bytes) -> None:
+        self._conn.write(data)
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def is_closing(self) -> bool:
+        transport = self._conn.transport
+        return transport is None or transport.is_closing()
+
+    def can_write_eof(self) -> bool:
+        return self._conn.transport is not None
+
+    def write_eof(self) -> None:
+        if self._conn.transport is not None:
+            self._conn.transport.write_eof()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        transport = self._conn.transport
+        return default if transport is None else transport.get_extra_info(name, default)
+
+
+def _plain(head: RequestHead) -> bool:
+    """A request the lane serves itself (everything else: the general path)."""
+    if head.method not in PLAIN_METHODS or head.has_body or head.target[:1] != b"/":
+        return False
+    return all(name not in _GENERAL_FIELDS for name, _ in head.headers)
+
+
+def error_bytes(status: int, request_id: bytes, detail: str, close: bool = True) -> bytes:
+    """A whole error response (the general path's ``error_response``) as bytes."""
+    response = error_response(status, request_id, detail)
+    fields = list(response.headers)
+    if close:
+        fields.append((b"connection", b"close"))
+    return head_bytes(status, response.reason, fields) + (read_ready(response.body) or b"")
+
+
+class _Exchange:
+    """One plain request on its way to a machine and its response on the way back."""
+
+    __slots__ = (
+        "backend",
+        "chunked",
+        "client",
+        "deadline",
+        "head",
+        "keep",
+        "replied",
+        "request_id",
+        "reused",
+        "started",
+        "status",
+        "table",
+        "upstream",
+        "wire",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        head: RequestHead,
+        table: ServiceTable,
+        backend: Backend,
+        request_id: bytes,
+        wire: bytes,
+        started: float,
+    ) -> None:
+        self.client = client
+        self.head = head
+        self.table = table
+        self.backend = backend
+        self.request_id = request_id
+        self.wire = wire
+        self.started = started
+        self.upstream: UpstreamConnection | None = None
+        self.reused = False
+        self.replied = False  # the response head went to the client
+        self.status = 0
+        self.chunked = False
+        self.keep = False
+        lane = client.lane
+        self.deadline = client.loop.time() + lane.settings.response_timeout
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (address_text(self.backend.address), self.backend.port)
+
+    # -- from the machine -------------------------------------------------------------
+    def pump(self, parser: ResponseParser) -> None:
+        """Turn what the machine sent so far into bytes for the client."""
+        client = self.client
+        out: list[bytes] = []
+        try:
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Data):
+                    data = event.data
+                    out.append(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+                elif isinstance(event, ResponseHead):
+                    if event.status == 101:
+                        raise ResponseError("101 to a request that asked for no upgrade")
+                    if event.status < 200:
+                        continue  # 1xx: the final response follows
+                    if self._replay(event):
+                        return
+                    out.append(self._response_head(event))
+                else:
+                    assert event is END
+                    if self.chunked:
+                        out.append(b"0\r\n\r\n")
+                    client.write(b"".join(out))
+                    self._finish(parser)
+                    return
+        except ResponseError as exc:
+            if out:
+                client.write(b"".join(out))
+            self.fail(f"bad response from machine: {exc}")
+            return
+        if out:
+            client.write(b"".join(out))
+        self.deadline = client.loop.time() + client.lane.settings.read_timeout
+
+    def _response_head(self, event: ResponseHead) -> bytes:
+        fields = h.client_response_headers(event.headers, self.request_id)
+        framing = response_framing(self.head, event.status, fields, close=False)
+        self.status = event.status
+        self.chunked = framing.chunked
+        self.keep = framing.keep
+        self.replied = True
+        return head_bytes(event.status, event.reason, framing.headers)
+
+    def _replay(self, event: ResponseHead) -> bool:
+        """The machine asked for the request elsewhere: hand it to the general path."""
+        value = h.header_value(event.headers, h.REPLAY)
+        directive = parse_replay(value) if value is not None else None
+        if directive is None:
+            return False
+        self._release_upstream(reusable=False)
+        self._handover(PriorAttempt(self.backend.machine_id, directive))
+        return True
+
+    def _finish(self, parser: ResponseParser) -> None:
+        up = self.upstream
+        self.upstream = None
+        lane = self.client.lane
+        lane.forwarder.end_slot(self.table, self.backend)
+        lane.counters.response(self.table.app, self.status, time.monotonic() - self.started)
+        if up is not None:
+            up.exchange = None
+            if parser.done and parser.keep_alive and not parser.buffer:
+                lane.pool.put_idle(up)
+            else:
+                up.close()
+        self.client.exchange_done(self.keep)
+
+    # -- failures -----------------------------------------------------------------------
+    def fail(self, reason: str, stale: bool = False) -> None:
+        """The machine failed (connect, reset, close, garbage)."""
+        if self.client.exchange is not self:
+            return
+        if stale and self.reused and not self.replied:
+            # Keep-alive race: the machine closed the pooled connection as we reused
+            # it. Resend once on a fresh connection (the request has no body).
+            self._release_upstream(reusable=False)
+            self.client.lane.pool.connect(self)
+            return
+        if not self.replied:
+            self._release_upstream(reusable=False)
+            self._handover(PriorAttempt(self.backend.machine_id))
+            return
+        # Part of the response is out: the client learns of the failure by the close.
+        log.debug("machine failed mid-response: %s", reason)
+        self.abort()
+        self.client.close()
+
+    def _handover(self, prior: PriorAttempt) -> None:
+        client = self.client
+        client.lane.forwarder.drop_slot(self.table, self.backend, client.leases)
+        client.exchange = None
+        client.general(self.head, prior)
+
+    def check_deadline(self, now: float) -> None:
+        if now <= self.deadline:
+            return
+        client = self.client
+        if self.replied:
+            self.fail("machine body read timed out")
+            return
+        # No response head in time: 504, as the general path answers it.
+        self._release_upstream(reusable=False)
+        lane = client.lane
+        lane.forwarder.drop_slot(self.table, self.backend, client.leases)
+        lane.counters.response(self.table.app, 504, time.monotonic() - self.started)
+        client.write(error_bytes(504, self.request_id, "machine did not answer in time", False))
+        client.exchange_done(self.head.keep_alive)
+
+    def abort(self) -> None:
+        """The client left, or the exchange is given up: nothing goes back to the pool."""
+        self._release_upstream(reusable=False)
+        if self.replied:
+            lane = self.client.lane
+            lane.counters.response(self.table.app, self.status, time.monotonic() - self.started)
+        self.client.lane.forwarder.drop_slot(self.table, self.backend, self.client.leases)
+
+    def _release_upstream(self, reusable: bool) -> None:
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            up.exchange = None
+            if reusable:
+                self.client.lane.pool.put_idle(up)
+            else:
+                up.close()
+
+    def pause_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause()
+
+    def resume_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A keep-alive HTTP/1.1 connection to one machine, serving one exchange at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser()
+        self.exchange: _Exchange | None = None
+        self.idle_since = 0.0
+        self.lost = False
+        self.paused = False
+        self.received = False  # bytes arrived for the current exchange
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def start(self, exchange: _Exchange, reused: bool) -> None:
+        self.exchange = exchange
+        exchange.upstream = self
+        exchange.reused = reused
+        self.received = False
+        self.parser.start(exchange.head.method)
+        assert self.transport is not None
+        if exchange.client.write_paused:
+            self.pause()
+        self.transport.write(exchange.wire)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # bytes nobody asked for: the machine is confused
+            return
+        self.received = True
+        self.parser.feed(data)
+        lane = self.pool.lane
+        if lane.cpu.busy:
+            clock = perf_counter()
+            exchange.pump(self.parser)
+            lane.cpu.charge(exchange.table.app, perf_counter() - clock)
+        else:
+            exchange.pump(self.parser)
+
+    def eof_received(self) -> bool:
+        self.parser.feed(b"")
+        exchange = self.exchange
+        if exchange is not None:
+            if not self.received:  # closed before a byte of the answer: maybe stale
+                exchange.fail("machine closed the connection", stale=True)
+                return False
+            exchange.pump(self.parser)  # a body that ends with the close ends here
+            if self.exchange is exchange:
+                exchange.fail("machine closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.pool.forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and exchange.upstream is self:
+            exchange.upstream = None
+            exchange.fail(f"connection lost: {exc!r}", stale=not self.received)
+
+    def usable(self, now: float) -> bool:
+        return (
+            not self.lost
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and not self.parser.buffer
+            and now - self.idle_since < self.pool.lane.settings.pool_idle_timeout
+        )
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per machine, for the lane's exchanges."""
+
+    def __init__(self, lane: FastLane) -> None:
+        self.lane = lane
+        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+
+    def send(self, exchange: _Exchange) -> None:
+        key = exchange.key
+        conns = self._idle.get(key)
+        if conns:
+            now = exchange.client.loop.time()
+            while conns:
+                up = conns.pop()
+                if up.usable(now):
+                    up.start(exchange, reused=True)
+                    return
+                up.close()
+        self.connect(exchange)
+
+    def connect(self, exchange: _Exchange) -> None:
+        self.lane.spawn(self._connect(exchange))
+
+    async def _connect(self, exchange: _Exchange) -> None:
+        loop = asyncio.get_running_loop()
+        address, port = key = exchange.key
+        try:
+            async with asyncio.timeout(self.lane.settings.connect_timeout):
+                _, up = await loop.create_connection(
+                    lambda: UpstreamConnection(self, key), address, port
+                )
+        except (OSError, TimeoutError) as exc:
+            exchange.fail(f"cannot connect to {address}:{port}: {exc!r}")
+            return
+        if exchange.client.exchange is not exchange:
+            self.put_idle(up)  # the client left meanwhile
+            return
+        up.start(exchange, reused=False)
+
+    def put_idle(self, up: UpstreamConnection) -> None:
+        if up.lost:
+            return
+        up.resume()
+        conns = self._idle.setdefault(up.key, [])
+        if len(conns) >= self.lane.settings.pool_idle:
+            up.close()
+            return
+        up.idle_since = asyncio.get_running_loop().time()
+        conns.append(up)
+
+    def forget(self, up: UpstreamConnection) -> None:
+        conns = self._idle.get(up.key)
+        if conns and up in conns:
+            conns.remove(up)
+
+    def prune(self, now: float) -> None:
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for up in list(conns):
+                if up.usable(now):
+                    keep.append(up)
+                else:
+                    up.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for up in conns:
+                up.close()
+        self._idle.clear()
