@@ -14,6 +14,15 @@ static __always_inline __u16 ep_csum_fold(__u64 sum)
     return (__u16)~sum;
 }
 
+/* The same for a sum of at most 16 16-bit values (< 2^20): the first fold
+ * leaves at most 0xffff + 15, the second at most 0xffff. */
+static __always_inline __u16 ep_csum_fold16(__u64 sum)
+{
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return (__u16)~sum;
+}
+
 /* ~m + m' of RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), for a 32-bit field and
  * left unfolded: one address change goes into both the IP and the TCP (pseudo
  * header) checksum, so it is summed once; the caller adds ~HC and folds. */

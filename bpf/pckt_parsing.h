@@ -16,6 +16,13 @@ static __always_inline int ip_is_fragment(struct iphdr *ip)
     return (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) != 0;
 }
 
+/* The EtherType as one 16-bit load (struct ethhdr is packed, so eth->h_proto
+ * compiles to two byte loads and a shift) */
+static __always_inline __u16 eth_proto(struct ethhdr *eth)
+{
+    return *(__u16 *)((void *)eth + offsetof(struct ethhdr, h_proto));
+}
+
 /* byte 13 of the TCP header: CWR ECE URG ACK PSH RST SYN FIN */
 static __always_inline __u8 tcp_flags(struct tcphdr *tcp)
 {

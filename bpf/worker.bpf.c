@@ -66,7 +66,7 @@ static __always_inline int worker_ingress_core(void *ctx, const int tc)
 
     struct ethhdr *eth = data;
     struct iphdr *outer = (void *)(eth + 1);
-    if ((void *)(outer + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+    if ((void *)(outer + 1) > data_end || eth_proto(eth) != bpf_htons(ETH_P_IP) ||
         outer->protocol != IPPROTO_IPIP)
         return EP_PASS;
     __u32 zero = 0;
@@ -162,7 +162,7 @@ int worker_egress(struct __sk_buff *skb)
         if ((void *)(tcp + 1) > data_end)
             return TC_ACT_OK;
     }
-    if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5 ||
+    if (eth_proto(eth) != bpf_htons(ETH_P_IP) || ip->ihl != 5 ||
         ip->protocol != IPPROTO_TCP || ip_is_fragment(ip))
         return TC_ACT_OK;
 

@@ -63,3 +63,13 @@ def test_byte_order_helpers() -> None:
     assert bytes(bm.U32(bm.be32(a))) == a.packed
     assert bytes(ct.c_uint16(bm.be16(7000))) == (7000).to_bytes(2, "big")
     assert bm.from_be16(bm.be16(7000)) == 7000
+
+
+def test_ct_key_is_tcp_only() -> None:
+    """The conntrack key has no protocol field (every flow is TCP); callers that
+    still pass one get TCP accepted and anything else refused."""
+    key = bm.CtKey(1, 2, 3, 4, bm.IPPROTO_TCP)
+    assert ct.sizeof(bm.CtKey) == 12 and key.proto == bm.IPPROTO_TCP
+    assert bytes(key) == bytes(bm.CtKey(1, 2, 3, 4))
+    with pytest.raises(ValueError):
+        bm.CtKey(1, 2, 3, 4, 17)

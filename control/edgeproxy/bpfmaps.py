@@ -161,8 +161,23 @@ class Label(ct.Structure):
 
 
 class CtKey(ct.Structure):
+    """Client-side 4-tuple; every flow is TCP, so the protocol is not stored (the
+    12-byte key hashes and compares cheaper in the kernel). ``proto`` is still
+    accepted (TCP only) and read back as TCP, for callers written against the
+    older 16-byte key."""
+
     _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
-                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+                ("dport", ct.c_uint16)]
+
+    def __init__(self, saddr: int = 0, daddr: int = 0, sport: int = 0, dport: int = 0,
+                 proto: int = IPPROTO_TCP) -> None:
+        if proto != IPPROTO_TCP:
+            raise ValueError(f"conntrack keys are TCP only, not protocol {proto}")
+        super().__init__(saddr, daddr, sport, dport)
+
+    @property
+    def proto(self) -> int:
+        return IPPROTO_TCP
 
 
 class CtValue(ct.Structure):
@@ -194,7 +209,7 @@ class FloodState(ct.Structure):
 
 
 class SweepRequest(ct.Structure):
-    _fields_ = [("key", CtKey), ("idle_ns", ct.c_uint64)]
+    _fields_ = [("key", CtKey), ("pad", ct.c_uint32), ("idle_ns", ct.c_uint64)]
 
 
 class WorkerFlowKey(ct.Structure):

@@ -916,7 +916,7 @@ class Dataplane:
         for key, v in self.maps["conntrack"].items():
             if v.last_seen_ns + idle_ns > now:
                 continue
-            rc, _, _ = bm.prog_test_run(prog, bytes(bm.SweepRequest(key, idle_ns)))
+            rc, _, _ = bm.prog_test_run(prog, bytes(bm.SweepRequest(key, 0, idle_ns)))
             expired += rc == bm.SWEEP_EXPIRED
             removed += rc == bm.SWEEP_REMOVED
         return expired, removed

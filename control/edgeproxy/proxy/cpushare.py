@@ -216,7 +216,9 @@ class CpuMeter:
     # -- the request side ----------------------------------------------------------
     def tag(self, app: str) -> None:
         """Mark the running task as working for ``app`` (until tagged again)."""
-        task = asyncio.current_task()
+        # With the loop given, current_task() skips get_running_loop(), which on
+        # Python 3.11 costs a getpid() system call.
+        task = asyncio.current_task(self._loop) if self._loop else asyncio.current_task()
         if task is None:
             return
         task.set_name(self._tag_name(app))
