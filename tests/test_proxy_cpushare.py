@@ -18,7 +18,18 @@ from edgeproxy.proxy.cpushare import (
     CpuMeter,
     share_cpu,
 )
-from test_proxy_support import FAST, VIP, lab, request, run
+from test_proxy_support import (
+    EDGE,
+    FAST,
+    VIP,
+    Machine,
+    backend,
+    free_port,
+    lab,
+    request,
+    run,
+    table,
+)
 
 
 def test_an_app_alone_is_never_throttled() -> None:
@@ -147,5 +158,53 @@ def test_cpu_budget_bounds_a_flooding_app_and_web_is_served() -> None:
             # The meter's own view: the limit over the window, plus a full bucket at
             # the start and at most one second of debt not yet repaid at the end.
             assert 0 < flood_cpu <= limit * (window + BURST + 1.0) + 0.05, (flood_cpu, window)
+
+    run(main, timeout=40)
+
+
+def test_cpu_budget_bounds_an_app_flooding_the_fast_lane() -> None:
+    # The flooding app's machine is on the edge's own host and answers at once, so
+    # its requests are plain and served on the lane's callbacks (charged to the app
+    # by the lane, not by task steps) until its budget runs out.
+    wrk = shutil.which("wrk")
+    assert wrk, "wrk is installed by tools/setup"
+    limit, seconds = 0.2, 3.0
+    settings = dataclasses.replace(FAST, app_cpu_limit=limit, queue_timeout=0.3)
+
+    async def main() -> None:
+        async with lab(settings) as L:
+            hot = Machine("hot-ord-1", "127.0.0.21", free_port("127.0.0.21"), "ord")
+            await hot.start()
+            try:
+                tables = list({id(t): t for t in L.edge._routes.by_app_port.values()}.values())
+                tables.append(
+                    table("hot", VIP, L.port, [[backend(hot, "hot", EDGE)]], soft=500, hard=1000)
+                )
+                L.edge.update(tables, {"web.test": "web", "hot.test": "hot"})
+                proc = await asyncio.create_subprocess_exec(
+                    wrk, "-t1", "-c16", f"-d{int(seconds)}s", "-H", "Host: hot.test",
+                    f"http://{VIP}:{L.port}/h",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                )
+                await asyncio.sleep(0.5)
+                hot0 = L.edge.snapshot().cpu_seconds.get("hot", 0.0)
+                t0 = time.monotonic()
+                statuses = []
+                while time.monotonic() - t0 < seconds - 1.0:
+                    statuses.append((await request("GET", "/w", L.port)).status)
+                    await asyncio.sleep(0.05)
+                window = time.monotonic() - t0
+                hot_cpu = L.edge.snapshot().cpu_seconds.get("hot", 0.0) - hot0
+                out, _ = await asyncio.wait_for(proc.communicate(), seconds + 10)
+                snap = L.edge.snapshot()
+                assert statuses and statuses == [200] * len(statuses)
+                assert L.edge._lane.lane_requests > 100, out.decode()  # the lane served it
+                assert snap.responses[("hot", 200)] > 0
+                assert 0 < hot_cpu <= limit * (window + BURST + 1.0) + 0.05, (hot_cpu, window)
+                # Over its budget, the app's requests left the lane to wait their turn
+                # on the general path (nothing else sends these plain GETs there).
+                assert L.edge._lane.general_requests > 0, (hot_cpu, snap.cpu_seconds)
+            finally:
+                await hot.stop()
 
     run(main, timeout=40)
