@@ -187,7 +187,7 @@ def test_warming_builds_label_text_ahead_and_changes_no_output() -> None:
     assert warm.warm() == len(dp.counters.machines) > 0
     cache = warm._kernel_text.machines
     ids = MachineRows.of(dp.counters.machines).ids
-    assert all(isinstance(t, str) and t.endswith("} ") for t in cache.text[ids])
+    assert all(isinstance(t, bytes) and t.endswith(b"} ") for t in cache.text[ids])
     built = cache.text[ids].tolist()
     assert scrape(warm) == scrape(cold)
     # the scrape used the warmed text: same objects, nothing rebuilt

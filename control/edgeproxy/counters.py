@@ -224,8 +224,10 @@ def summed(m: bm.BpfMap, count: int) -> U64s:
     words = m.value_stride // ncpu // 8  # u64 words per CPU copy (padded to 8 bytes)
     fields = ct.sizeof(m.value_type) // 8
     a = np.frombuffer(raw, dtype="<u8").reshape(count, ncpu, words)
-    out: U64s = a[:, 0, :fields].copy()
-    for cpu in range(1, ncpu):
+    if ncpu == 1:
+        return a[:, 0, :fields].copy()
+    out: U64s = np.add(a[:, 0, :fields], a[:, 1, :fields])
+    for cpu in range(2, ncpu):
         np.add(out, a[:, cpu, :fields], out=out)
     return out
 
@@ -289,6 +291,9 @@ def read_machines(maps: Mapping[str, bm.BpfMap], table: Mapping[int, tuple[str, 
         keep = in_use
     idx = np.flatnonzero(keep)
     values = np.empty((len(idx), len(COUNTER_FIELDS)), dtype=np.uint64)
+    if len(idx) == n:  # every id in use (and busy): the columns as they are
+        values[:, _STATS_COLUMNS], values[:, 1] = stats, active
+        return MachineRows(idx, apps, names, ports, values)
     values[:, _STATS_COLUMNS] = stats[idx]
     values[:, 1] = active[idx]
     return MachineRows(idx, apps[idx], names[idx], ports[idx], values)
@@ -310,11 +315,12 @@ def read_services(maps: Mapping[str, bm.BpfMap], services: Mapping[str, _Service
     else:
         order = np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
     ids = sids[order]
-    apps = objects([svcs[i].app for i in order.tolist()])
+    apps = objects(list(map(_APP, map(svcs.__getitem__, order.tolist()))))
     return ServiceRows(ids, apps, names[order], values[ids])
 
 
 _ID = operator.attrgetter("id")
+_APP = operator.attrgetter("app")
 
 
 def read_edge(maps: Mapping[str, bm.BpfMap], machines: Mapping[int, tuple[str, str, bytes]],
