@@ -138,6 +138,9 @@ METRICS: tuple[MetricSpec, ...] = (
        "Requests answered 503 because the app stayed over its CPU budget", "app"),
     _m("edgeproxy_backhaul_refused_total", "counter",
        "Backhaul connections a worker closed: they came from no edge's address"),
+    _m("edgeproxy_http_requests_path_total", "counter",
+       "HTTP/1.1 requests by the path that took them: lane (served on the fast lane's "
+       "callbacks) or general (handed to the general path)", "path"),
     _m("edgeproxy_backhaul_up", "gauge",
        "Whether the backhaul connection to the worker is up (1) or not (0)", *BACKHAUL_LABELS),
     _m("edgeproxy_backhaul_rtt_seconds", "gauge",
@@ -890,6 +893,8 @@ def add_proxy(f: Mapping[str, Metric], snap: ProxySnapshot, labels: StateLabels)
     for app, count in sorted(snap.cpu_throttled.items()):
         _add(f, "edgeproxy_app_cpu_throttled_total", (app,), count)
     _add(f, "edgeproxy_backhaul_refused_total", (), snap.backhaul_refused)
+    _add(f, "edgeproxy_http_requests_path_total", ("lane",), snap.lane_requests)
+    _add(f, "edgeproxy_http_requests_path_total", ("general",), snap.general_requests)
     for address, health in sorted(snap.backhaul.items()):
         worker, region = labels.worker_of_address.get(address, (address, ""))
         key = (worker, region)

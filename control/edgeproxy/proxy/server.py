@@ -346,6 +346,8 @@ class HttpProxy:
             cpu_seconds=dict(self._cpu.used),
             cpu_throttled=dict(self._cpu.throttled_requests),
             backhaul_refused=self.backhaul_refused,
+            lane_requests=self._lane.lane_requests,
+            general_requests=self._lane.general_requests,
         )
 
 

@@ -46,6 +46,9 @@ class ProxySnapshot:
     cpu_throttled: Mapping[str, int] = field(default_factory=dict)
     # backhaul connections a worker closed because they came from no edge's address
     backhaul_refused: int = 0
+    # HTTP/1.1 requests started on the fast lane / handed to the general path
+    lane_requests: int = 0
+    general_requests: int = 0
 
 
 class ProxyCounters:
