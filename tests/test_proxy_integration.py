@@ -385,3 +385,71 @@ def test_processes_share_listeners_and_split_budgets() -> None:
     run(main)
     tiny = table("tiny", VIP, 80, [], soft=1, hard=3)
     assert (process_share(tiny, 4).soft_limit, process_share(tiny, 4).hard_limit) == (1, 1)
+
+
+async def h2_websocket_echo(port: int, extra: list[tuple[str, str]], messages: int) -> list[str]:
+    """RFC 8441 from an HTTP/2 client: extended CONNECT, then WebSocket frames
+    (wsproto) in the stream's DATA; returns what the machine echoed."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import TextMessage
+
+    reader, writer = await asyncio.open_connection(VIP, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    events: list[h2.events.Event] = []
+
+    async def pump() -> None:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "edge closed the connection"
+        events.extend(conn.receive_data(data))
+        writer.write(conn.data_to_send())
+
+    # The edge advertises SETTINGS_ENABLE_CONNECT_PROTOCOL (in its second SETTINGS
+    # frame, after the preface's defaults); pump() times out if it never does.
+    while conn.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL) != 1:
+        await pump()
+    conn.send_headers(1, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+                          (":path", "/ws"), (":authority", "web.test"),
+                          ("sec-websocket-version", "13"), *extra])
+    writer.write(conn.data_to_send())
+    while not any(isinstance(e, h2.events.ResponseReceived) for e in events):
+        await pump()
+    response = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+    assert dict(response.headers)[b":status"] == b"200", response.headers
+    ws = Connection(ConnectionType.CLIENT)
+    echoed: list[str] = []
+    for i in range(messages):
+        conn.send_data(1, ws.send(TextMessage(data=f"message {i}")))
+    writer.write(conn.data_to_send())
+    while len(echoed) < messages:
+        events.clear()
+        await pump()
+        for event in events:
+            if isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                ws.receive_data(event.data)
+                echoed += [m.data for m in ws.events() if isinstance(m, TextMessage)]
+        writer.write(conn.data_to_send())
+    writer.close()
+    return echoed
+
+
+def test_websocket_over_http2_from_clients_direct_and_over_backhaul() -> None:
+    async def main() -> None:
+        async with lab() as L:
+            for extra, machine in (([], "web-ord-1"),
+                                   ([("edgeproxy-force-region", "ams")], "web-ams-")):
+                before = {m: len(x.requests) for m, x in L.machines.items()}
+                echoed = await h2_websocket_echo(L.port, extra, 50)
+                assert echoed == [f"message {i}" for i in range(50)]
+                hit = [m for m, x in L.machines.items() if len(x.requests) > before[m]]
+                assert len(hit) == 1 and hit[0].startswith(machine), hit
+                seen = dict(L.machines[hit[0]].requests[-1]["headers"])
+                assert seen["upgrade"].lower() == "websocket" and seen["sec-websocket-key"]
+
+    run(main)

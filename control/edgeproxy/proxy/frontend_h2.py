@@ -3,18 +3,26 @@ streams here too). Each stream is one request through the same Forwarder."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
+import secrets
 
 from h2.errors import ErrorCodes
 
 from edgeproxy.proxy import headers as h
-from edgeproxy.proxy.backhaul import send_body
-from edgeproxy.proxy.forward import ConnectionLeases, Forwarder, ProxyRequest, error_response
+from edgeproxy.proxy.backhaul import StreamTunnel, send_body
+from edgeproxy.proxy.forward import (
+    ConnectionLeases,
+    Forwarder,
+    ProxyRequest,
+    ProxyResponse,
+    error_response,
+)
 from edgeproxy.proxy.frontend_h1 import ClientTimeouts
 from edgeproxy.proxy.h2session import H2Session, H2Stream, Headers, StreamReset
 from edgeproxy.proxy.streams import ByteReader, ByteWriter
-from edgeproxy.proxy.upstream import ClientBodyError, UpstreamError
+from edgeproxy.proxy.upstream import ClientBodyError, UpstreamError, splice
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -140,6 +148,7 @@ class H2ClientConnection:
             max_concurrent_streams=128,
             preface_already_read=first_bytes,
             validate_inbound=False,  # malformed_request() instead, per stream
+            enable_connect_protocol=True,  # RFC 8441: WebSockets over HTTP/2
         )
 
     async def serve(self) -> None:
@@ -164,9 +173,19 @@ class H2ClientConnection:
         if problem is not None:
             await self._send_simple(stream, 400, problem, reset=True)
             return
-        if method == b"CONNECT":
+        websocket = method == b"CONNECT" and pseudo.get(b":protocol") == b"websocket"
+        if method == b"CONNECT" and not websocket:
             await self._send_simple(stream, 501, "CONNECT over HTTP/2 is not supported")
             return
+        if websocket:
+            # RFC 8441: the machine gets an HTTP/1.1 Upgrade; HTTP/2 has no key, so
+            # the edge makes one (the answer's accept is checked by nobody: the
+            # client's handshake is this stream's :status 200).
+            method = b"GET"
+            headers = [
+                *[(n, v) for n, v in headers if n != b"sec-websocket-key"],
+                (b"sec-websocket-key", base64.b64encode(secrets.token_bytes(16))),
+            ]
         cookies = h.header_values(headers, b"cookie")
         if len(cookies) > 1:  # RFC 9113 8.2.3: rejoin cookie crumbs for HTTP/1.1 machines
             headers = [(n, v) for n, v in headers if n != b"cookie"] + [
@@ -181,10 +200,16 @@ class H2ClientConnection:
             client=self.client,
             local_address=self.local_address,
             local_port=self.client.local_port,
-            body=None if stream.ended_with_headers else _StreamBody(stream, self.timeouts.body),
+            body=None
+            if stream.ended_with_headers or websocket
+            else _StreamBody(stream, self.timeouts.body),
             content_length=int(length) if length is not None and length.isdigit() else None,
+            websocket=websocket,
         )
         response = await self.forwarder.handle(request, self.leases)
+        if websocket and response.tunnel is not None and response.status == 101:
+            await self._tunnel(stream, response)
+            return
         try:
             no_body = method == b"HEAD" or response.status in _NO_BODY_STATUSES
             out = [(b":status", b"%d" % response.status)]
@@ -193,6 +218,24 @@ class H2ClientConnection:
                 stream.send_headers(out, end_stream=True)
             else:
                 await send_body(stream, out, response.body)
+        except (StreamReset, UpstreamError, ConnectionError, OSError):
+            stream.reset(ErrorCodes.INTERNAL_ERROR)
+        finally:
+            await response.aclose()
+
+    async def _tunnel(self, stream: H2Stream, response: ProxyResponse) -> None:
+        """The machine accepted the upgrade: 200 on the stream, then raw bytes both
+        ways (the stream's DATA frames carry the WebSocket frames untouched)."""
+        assert response.tunnel is not None
+        out = [(b":status", b"200")]
+        out += [
+            (n.lower(), v)
+            for n, v in response.headers
+            if n.lower() not in (b"sec-websocket-accept", b"connection", b"upgrade")
+        ]
+        try:
+            stream.send_headers(out)
+            await splice(StreamTunnel(stream), response.tunnel, self.timeouts.tunnel_idle)
         except (StreamReset, UpstreamError, ConnectionError, OSError):
             stream.reset(ErrorCodes.INTERNAL_ERROR)
         finally:
