@@ -80,6 +80,7 @@ MIN_TICK = 0.01
 MAX_TICK = 0.5
 
 _IDLE, _EXCHANGE, _GENERAL, _CLOSED = range(4)
+_UNKNOWN = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +117,27 @@ class FastLane:
         self.lane_requests = 0
         self.general_requests = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self._targets: dict[str, object] = {}
+        self._targets_for: RouteMap | None = None
         t = settings.timeouts
         shortest = min(t.header, t.idle, settings.response_timeout, settings.read_timeout)
         self.tick = min(max(shortest / 4, MIN_TICK), MAX_TICK)
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def target(self, routes: RouteMap, backend: Backend) -> tuple[str, int] | None:
+        """The machine's (address, port) if it is on this host, else None; cached per
+        machine for as long as the routes stay the same object."""
+        if routes is not self._targets_for:
+            self._targets_for = routes
+            self._targets.clear()
+        found = self._targets.get(backend.machine_id, _UNKNOWN)
+        if found is _UNKNOWN:
+            local = self.forwarder.is_local(backend)
+            found = (address_text(backend.address), backend.port) if local else None
+            self._targets[backend.machine_id] = found
+        return cast(tuple[str, int] | None, found)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -287,7 +303,8 @@ class ClientConnection(asyncio.Protocol):
         timed = lane.cpu.busy
         clock = perf_counter() if timed else 0.0
         host = head.header(b"host")
-        table = lane.routes().resolve(host, self.local_address, self.client.local_port)
+        routes = lane.routes()
+        table = routes.resolve(host, self.local_address, self.client.local_port)
         if table is None or not lane.cpu.admit(table.app):
             self.general(head)  # 404, or wait for the app's CPU turn
             return
@@ -301,7 +318,8 @@ class ClientConnection(asyncio.Protocol):
         if backend is None:
             self.general(head)  # no machine (503) or the app's queue
             return
-        if not forwarder.is_local(backend):
+        target = lane.target(routes, backend)
+        if target is None:
             forwarder.drop_slot(table, backend, self.leases)
             self.general(head)  # over the backhaul
             return
@@ -319,7 +337,7 @@ class ClientConnection(asyncio.Protocol):
             forwarder.drop_slot(table, backend, self.leases)
             self.general(head)
             return
-        exchange = _Exchange(self, head, table, backend, request_id, wire, started)
+        exchange = _Exchange(self, head, table, backend, target, request_id, wire, started)
         lane.lane_requests += 1
         self.exchange = exchange
         self.state = _EXCHANGE
@@ -529,6 +547,7 @@ class _Exchange:
         "deadline",
         "head",
         "keep",
+        "key",
         "replied",
         "request_id",
         "reused",
@@ -545,6 +564,7 @@ class _Exchange:
         head: RequestHead,
         table: ServiceTable,
         backend: Backend,
+        key: tuple[str, int],
         request_id: bytes,
         wire: bytes,
         started: float,
@@ -553,6 +573,7 @@ class _Exchange:
         self.head = head
         self.table = table
         self.backend = backend
+        self.key = key  # the machine's (address, port)
         self.request_id = request_id
         self.wire = wire
         self.started = started
@@ -564,10 +585,6 @@ class _Exchange:
         self.keep = False
         lane = client.lane
         self.deadline = client.loop.time() + lane.settings.response_timeout
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (address_text(self.backend.address), self.backend.port)
 
     # -- from the machine -------------------------------------------------------------
     def pump(self, parser: ResponseParser) -> None:
