@@ -447,3 +447,67 @@ def test_the_source_keeps_no_values_and_rebuilds_from_its_state(cluster: EtcdClu
         assert got is not None and got.changed_apps == {"web"}
     finally:
         source.close()
+
+
+def test_the_first_read_is_one_snapshot_and_the_watch_takes_over(
+    cluster: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefix is read in pieces side by side, page by page, all at the revision
+    of the first count: writes landing meanwhile are not in the first state (not
+    even the pages still to come) and arrive through the watch after it."""
+    from edgeproxy import sources
+
+    prefix = "/snapshot/"
+    client = EtcdClient(cluster.endpoints)
+    write_state(client, LAB_STATE, prefix)
+    monkeypatch.setattr(sources, "ETCD_PAGE", 2)  # many pages per kind
+    stopped = changed(LAB_STATE, lambda d: [m.update(state="stopped")
+                                            for m in d["machines"]], 2)
+    pages = EtcdSource._pages
+    wrote: list[int] = []
+
+    def pages_then_write(self: EtcdSource, key: bytes, end: bytes, revision: int
+                         ) -> Iterator[list[tuple[str, bytes]]]:
+        for page in pages(self, key, end, revision):
+            if not wrote and b"machines/" in key:
+                wrote.append(revision)
+                write_state(client, stopped, prefix)  # while the machines are read
+            yield page
+
+    monkeypatch.setattr(EtcdSource, "_pages", pages_then_write)
+    source = EtcdSource(cluster.endpoints, prefix, read_wait=0.2)
+    try:
+        assert wrote and source.revision == wrote[0]
+        assert source.current() == LAB_STATE
+        got = None
+        for _ in range(20):
+            got = source.step() or got
+            if got == stopped:
+                break
+        assert got == stopped
+    finally:
+        source.close()
+
+
+def test_whole_reads_say_what_the_values_would(cluster: EtcdCluster) -> None:
+    """Strays between the kinds, keys nested under a kind, bad JSON and a key that
+    disagrees with its id: the streamed first read refuses as the whole check does."""
+    from edgeproxy.sources import etcd_state_from_values
+
+    prefix = "/strays/"
+    client = EtcdClient(cluster.endpoints)
+    write_state(client, LAB_STATE, prefix)
+    for key, value in ((b"aaa", b"{}"), (b"hosts", b"{}"), (b"machines/x/y", b"{}"),
+                       (b"nothing/here", b"{}"), (b"zzz", b"1"), (b"apps/bad", b"{"),
+                       (b"machines/echo-ord-1", b'{"id": "other"}')):
+        client.put(prefix.encode() + key, value)
+    _, kvs = client.range_prefix(prefix.encode())
+    values = {kv.key.decode()[len(prefix):]: kv.value for kv in kvs}
+    with pytest.raises(StateError) as whole:
+        etcd_state_from_values(values, prefix)
+    with pytest.raises(StateError) as streamed:
+        EtcdSource(cluster.endpoints, prefix)
+    assert str(streamed.value) == str(whole.value)
+    for key in ("aaa", "hosts", "machines/x/y", "nothing/here", "zzz", "apps/bad",
+                "machines/echo-ord-1.id"):
+        assert f"{prefix}{key}:" in str(streamed.value)

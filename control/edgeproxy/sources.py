@@ -17,19 +17,23 @@ Each source is meant for one watcher: ``watch()`` yields every new state once.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import ctypes
 import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import select
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import yaml
 
@@ -45,7 +49,6 @@ from edgeproxy.etcd import (
     parse_events,
     prefix_end,
 )
-from edgeproxy.etcd import _key_value as etcd_key_value
 from edgeproxy.state import (
     ClusterState,
     Incremental,
@@ -60,9 +63,10 @@ from edgeproxy.state import (
     release_free_memory,
     to_dict,
 )
-from edgeproxy.yamlpatch import FileView, Hunk, ShortRead, YamlIndex, name_rows
+from edgeproxy.yamlpatch import FileView, Hunk, ShortRead, YamlIndex, load_fast, name_rows
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_POLL_INTERVAL = 0.02  # seconds: well inside the 100 ms apply budget
 
@@ -172,7 +176,9 @@ class FileSource(_PollingSource):
         self._incremental: Incremental | None = None
         self._refused: object = None  # what the last refused bytes looked like
         self._scratch = bytearray(FileView.CHUNK)  # reused: no heap churn per change
-        self._good = self._parse_all(self.path.read_bytes())  # no last good: raise
+        with self.path.open("rb") as f:  # into a bytearray: it becomes ``_buf``, uncopied
+            self._good = self._parse_all(FileView(f.fileno(), os.fstat(f.fileno()).st_size)
+                                         .read_all())  # no last good: raise
         self._inotify = _inotify_watch(self.path.parent)
 
     def _fingerprint(self) -> tuple[int, ...] | None:
@@ -219,7 +225,7 @@ class FileSource(_PollingSource):
                     self._unchanged()
                     return None
         try:
-            text = new.read(0, new.size)
+            text = new.read_all()
         except ShortRead:
             return None  # shrinking under a writer: its next write moves the stat
         digest = hashlib.blake2b(text).digest()
@@ -275,17 +281,27 @@ class FileSource(_PollingSource):
         self._refused = None
         return True, applied
 
-    def _parse_all(self, text: bytes) -> ClusterState:
+    def _parse_all(self, text: bytearray) -> ClusterState:
+        """Parse and validate the whole file: by the scan and batches of items
+        (``yamlpatch.load_fast``) when the document allows, else in one piece."""
         self.full_reads += 1
-        index: list[YamlIndex | None] = [None]
+        fast = load_fast(text, self.name)
+        index: YamlIndex | None
+        if fast is not None:
+            state, index = fast
+        else:
+            whole = bytes(text)
+            found: list[YamlIndex | None] = [None]
 
-        def build(root: yaml.Node) -> None:
-            index[0] = YamlIndex.build(text, root)
+            def build(root: yaml.Node) -> None:
+                found[0] = YamlIndex.build(whole, root)
 
-        state = parse_yaml(text, self.name, on_root=build)
-        self._index = index[0]
+            state = parse_yaml(whole, self.name, on_root=build)
+            del whole
+            index = found[0]
+        self._index = index
         self._incremental = Incremental(state) if self._index is not None else None
-        self._buf = bytearray(text)
+        self._buf = text
         self._refused = None
         release_free_memory()
         return state
@@ -767,7 +783,8 @@ ETCD_READ_WAIT = 0.5  # seconds
 # after this long without a message the member is asked a linearizable question.
 ETCD_PROBE_AFTER = 3.0  # seconds
 ETCD_RETRY_BACKOFF = 0.25  # seconds between rounds when no member takes a watch
-ETCD_PAGE = 10_000  # keys per range request when reading the whole prefix
+ETCD_PAGE = 25_000  # keys per range request when reading the whole prefix
+ETCD_READ_ATTEMPTS = 3  # whole reads tried when compaction overtakes one
 
 # One key per entity: <prefix><kind>/<id>, the value the entity as JSON in the YAML
 # shape; <prefix>meta holds the top-level fields. Kind → the field the key names.
@@ -858,6 +875,10 @@ class _EtcdDocs(Mapping[str, object]):
         return sum(1 for _ in self)
 
 
+def _compacted(err: EtcdError) -> bool:
+    return "compacted" in str(err)
+
+
 def etcd_state(docs: Mapping[str, object], prefix: str, source: str = "etcd") -> ClusterState:
     """Validate the parsed values under a prefix (keys relative to it) as one state.
 
@@ -874,35 +895,61 @@ def etcd_state_from_values(
 ) -> ClusterState:
     """``etcd_state`` over raw values (bytes), each parsed as validation reaches it,
     so the parsed documents of 800,000 keys are never all in memory at once."""
+    others: list[str] = []
+    by_kind: dict[str, list[str]] = {kind: [] for kind in ETCD_KINDS}
+    for key in sorted(values):
+        kind, slash, name = key.partition("/")
+        if kind in ETCD_KINDS and slash and name and "/" not in name:
+            by_kind[kind].append(key)
+        else:
+            others.append(key)
+    return etcd_state_from_rows(
+        ((key, values[key]) for key in others),
+        {kind: ((key, values[key]) for key in keys) for kind, keys in by_kind.items()},
+        prefix,
+        source,
+        parse,
+    )
+
+
+def etcd_state_from_rows(
+    others: Iterable[tuple[str, object]],
+    by_kind: Mapping[str, Iterable[tuple[str, object]]],
+    prefix: str,
+    source: str = "etcd",
+    parse: Callable[[object], object] | None = None,
+) -> ClusterState:
+    """``etcd_state_from_values`` over the keys as they come: ``others`` (``meta``
+    and any key outside the kinds), then each kind's keys in key order, which may
+    still be arriving (``by_kind`` iterated lazily, kind after kind)."""
     load = parse or (lambda value: _etcd_doc(value))  # type: ignore[arg-type]
     problems: list[Problem] = []
     data: dict[str, object] = {}
     keys: dict[str, list[str]] = {kind: [] for kind in ETCD_KINDS}
-    by_kind: dict[str, list[str]] = {kind: [] for kind in ETCD_KINDS}
-    for key in sorted(values):
+    expected = ", ".join(f"{k}/<{f}>" for k, f in ETCD_KINDS.items())
+    for key, value in others:
         where = f"{prefix}{key}"
-        kind, slash, name = key.partition("/")
         if key == ETCD_META_KEY:
-            doc = load(values[key])
+            doc = load(value)
             if isinstance(doc, _BadJson):
                 problems.append(Problem(where, doc.reason))
             else:
                 _read_etcd_meta(doc, where, data, problems)
-        elif kind in ETCD_KINDS and slash and name and "/" not in name:
-            by_kind[kind].append(key)
         else:
-            expected = ", ".join(f"{k}/<{f}>" for k, f in ETCD_KINDS.items())
             problems.append(Problem(where, f"unknown key; expected meta, {expected}"))
 
     def rows(kind: str) -> Iterator[object]:
         id_field = ETCD_KINDS[kind]
-        for key in by_kind[kind]:
-            doc = load(values[key])
+        for key, value in by_kind[kind]:
             where = f"{prefix}{key}"
+            name = key.partition("/")[2]
+            if not name or "/" in name:
+                problems.append(Problem(where, f"unknown key; expected meta, {expected}"))
+                continue
+            doc = load(value)
             if isinstance(doc, _BadJson):
                 problems.append(Problem(where, doc.reason))
                 continue
-            name = key.partition("/")[2]
             if isinstance(doc, dict) and id_field in doc and doc[id_field] != name:
                 problems.append(
                     Problem(f"{where}.{id_field}", f"{doc[id_field]!r} differs from the key")
@@ -1048,9 +1095,7 @@ class EtcdSource:
         self._out_of_members = False  # logged once per outage, not every retry
         self._closed = False
         # no member answers: raise, as for a bad state
-        self._revision, values = self._read_all()
-        self._good = etcd_state_from_values(values, prefix, self.name)
-        del values
+        self._revision, self._good = self._load_all()
         self._incremental: Incremental | None = Incremental(self._good)
         self.full_reads = 1  # whole-state validations so far (for tests and the bench)
 
@@ -1157,32 +1202,133 @@ class EtcdSource:
             return
         self._heard_at = time.monotonic()
 
-    def _read_all(self) -> tuple[int, dict[str, bytes]]:
-        """Read the prefix in pages of ``ETCD_PAGE`` keys, every page at the revision of
-        the first (one snapshot): one reply for 800,000 keys would be hundreds of MB of
-        JSON held at once. Returns the revision and the values by relative key."""
-        end = b64(prefix_end(self._key))
-        body: dict[str, object] = {"key": b64(self._key), "range_end": end,
-                                   "limit": ETCD_PAGE}
-        values: dict[str, bytes] = {}
-        revision = 0
+    # Reading the whole prefix. etcd's JSON gateway spends most of a read encoding
+    # the reply (some 20 s of one core for 1,000,000 keys, read one page after
+    # another), so the prefix is cut at the kinds (``regions/``, ``hosts/``, ...; the
+    # pieces between them hold ``meta`` and any stray key) and the pieces are read
+    # side by side, each on its own connection in pages of ``ETCD_PAGE`` keys, every
+    # page at the revision of a first linearizable count: one snapshot, as a single
+    # reader would see it. Pages keep a reply from being hundreds of MB of JSON.
+
+    def _pieces(self) -> list[tuple[bytes, bytes, str | None]]:
+        """(key, range_end, kind or None) covering the prefix, in key order."""
+        kinds = {self._key + f"{kind}/".encode(): kind for kind in ETCD_KINDS}
+        pieces: list[tuple[bytes, bytes, str | None]] = []
+        at = self._key
+        for start in sorted(kinds):
+            end = prefix_end(start)
+            pieces += [(at, start, None), (start, end, kinds[start])]
+            at = end
+        pieces.append((at, prefix_end(self._key), None))
+        return pieces
+
+    def _snapshot_revision(self) -> int:
+        reply = self.client.call("kv/range", {"key": b64(self._key),
+                                              "range_end": b64(prefix_end(self._key)),
+                                              "count_only": True})
+        return header_revision(reply)
+
+    def _pages(self, key: bytes, end: bytes, revision: int) -> Iterator[list[tuple[str, bytes]]]:
+        """The keys in [key, end) at ``revision``, a page at a time: (relative key,
+        value) in key order."""
+        skip = len(self._key)
+        range_end = b64(end)
+        unb64 = binascii.a2b_base64
+        body: dict[str, object] = {"key": b64(key), "range_end": range_end,
+                                   "limit": ETCD_PAGE, "revision": str(revision)}
         while True:
             reply = self.client.call("kv/range", body)
-            if not revision:
-                revision = header_revision(reply)
             kvs = reply.get("kvs", [])
             if not isinstance(kvs, list):
                 raise EtcdError(f"unexpected range reply {reply!r}")
+            page: list[tuple[str, bytes]] = []
             last = b""
-            for raw in kvs:
-                kv = etcd_key_value(raw)
-                values[self._relative(kv.key)] = kv.value
-                last = kv.key
-            if not reply.get("more") or not last:
-                break
-            body = {"key": b64(last + b"\0"), "range_end": end, "limit": ETCD_PAGE,
+            try:
+                for raw in kvs:
+                    last = unb64(raw["key"])
+                    value = raw.get("value")
+                    page.append((last[skip:].decode("utf-8", errors="replace"),
+                                 unb64(value) if value else b""))
+            except (TypeError, KeyError, ValueError, binascii.Error) as err:
+                raise EtcdError(f"unexpected key-value in a range reply: {err}") from err
+            more = bool(reply.get("more"))
+            del reply, kvs
+            yield page
+            if not more or not last:
+                return
+            body = {"key": b64(last + b"\0"), "range_end": range_end, "limit": ETCD_PAGE,
                     "revision": str(revision)}
-        return revision, values
+
+    def _at_one_revision(self, read: Callable[[int], _T]) -> tuple[int, _T]:
+        """``read(revision)`` at the revision etcd is at now; again when compaction
+        overtakes the read (it takes seconds at 1,000,000 keys)."""
+        for attempt in range(1, ETCD_READ_ATTEMPTS + 1):
+            revision = self._snapshot_revision()
+            try:
+                return revision, read(revision)
+            except EtcdError as err:
+                if not _compacted(err) or attempt == ETCD_READ_ATTEMPTS:
+                    raise
+                log.warning("%s: revision %d compacted while reading; again", self.name,
+                            revision)
+        raise AssertionError("unreachable")
+
+    def _read_all(self) -> tuple[int, dict[str, bytes]]:
+        """Every key under the prefix at one revision: the revision and the values
+        by relative key (kept: a refused re-read compares them with the state)."""
+        return self._at_one_revision(self._values_at)
+
+    def _values_at(self, revision: int) -> dict[str, bytes]:
+        pieces = self._pieces()
+
+        def read(piece: tuple[bytes, bytes, str | None]) -> list[list[tuple[str, bytes]]]:
+            return list(self._pages(piece[0], piece[1], revision))
+
+        with ThreadPoolExecutor(len(pieces), thread_name_prefix="etcd-read") as pool:
+            parts = list(pool.map(read, pieces))
+        return {key: value for pages in parts for page in pages for key, value in page}
+
+    def _load_all(self) -> tuple[int, ClusterState]:
+        """Read the prefix (as ``_read_all``) and validate it as the pages arrive: the
+        kinds are validated in turn while the later ones are still being read, and no
+        raw value is kept past its validation."""
+        return self._at_one_revision(self._state_at)
+
+    def _state_at(self, revision: int) -> ClusterState:
+        pieces = self._pieces()
+        stop = threading.Event()
+        queues: list[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in pieces]
+
+        def pump(i: int) -> None:
+            key, end, _ = pieces[i]
+            try:
+                for page in self._pages(key, end, revision):
+                    if stop.is_set():
+                        return
+                    queues[i].put(page)
+                queues[i].put(None)
+            except BaseException as err:  # handed to the validating thread
+                queues[i].put(err)
+
+        def drain(i: int) -> Iterator[tuple[str, bytes]]:
+            while True:
+                item = queues[i].get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item  # type: ignore[misc]
+
+        pool = ThreadPoolExecutor(len(pieces), thread_name_prefix="etcd-read")
+        try:
+            for i in range(len(pieces)):
+                pool.submit(pump, i)
+            others = [kv for i, p in enumerate(pieces) if p[2] is None for kv in drain(i)]
+            by_kind = {p[2]: drain(i) for i, p in enumerate(pieces) if p[2] is not None}
+            return etcd_state_from_rows(others, by_kind, self.prefix, self.name)
+        finally:
+            stop.set()
+            pool.shutdown(wait=True)
 
     def _resync(self) -> ClusterState | None:
         try:

@@ -925,14 +925,26 @@ def _built(table: _Table, kind: type[T]) -> list[tuple[int, T]]:
 # ------------------------------------------------------------------ entry points
 
 
-def parse_state(data: object, source: str, lines: Mapping[str, int] | None = None) -> ClusterState:
+def parse_state(
+    data: object,
+    source: str,
+    lines: Mapping[str, int] | None = None,
+    *,
+    copy_ids: bool = False,
+) -> ClusterState:
     """Validate plain data (as YAML/JSON would load it) into a ``ClusterState``.
 
     ``source`` names where the data came from in error messages; ``lines`` maps
-    paths to line numbers when the data came from a text file.
+    paths to line numbers when the data came from a text file. ``copy_ids``: keep a
+    fresh copy of each id (see ``_Fields.id``) when the data is parser garbage.
     """
+    global _COPY_IDS
     with gc_paused():
-        result = _validate(data)
+        _COPY_IDS = copy_ids
+        try:
+            result = _validate(data)
+        finally:
+            _COPY_IDS = False
     if isinstance(result, ClusterState):
         return result
     raise StateError(source, [_with_line(p, lines) for p in result])
@@ -1064,9 +1076,18 @@ def _libc() -> object:
 
 
 def load_state(path: str | Path) -> ClusterState:
-    """Read and validate a YAML state file; errors name ``path`` and line numbers."""
+    """Read and validate a YAML state file; errors name ``path`` and line numbers.
+
+    By ``yamlpatch.load_fast`` (a line scan, list items parsed in batches) when the
+    document allows it; else the whole parse. The same state and errors either way."""
+    from edgeproxy.yamlpatch import load_fast  # it imports this module
+
     file = Path(path)
-    return parse_yaml(file.read_bytes(), str(file))
+    text = bytearray(file.read_bytes())
+    fast = load_fast(text, str(file))
+    if fast is not None:
+        return fast[0]
+    return parse_yaml(bytes(text), str(file))
 
 
 # --------------------------------------------------------------- incremental updates

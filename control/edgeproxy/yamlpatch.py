@@ -3,8 +3,9 @@
 A full parse of a 200,000-app file (100 MB) takes about a minute, most of it PyYAML
 building Python objects. A one-machine edit changes a few dozen bytes, so the file
 source keeps the bytes it last applied and an index of where each top-level list
-item starts (``YamlIndex``, from the node marks of the last full parse, so it is
-exactly what the parser saw). On a write it compares the old and new bytes in large
+item starts (``YamlIndex``: from the cold load's line scan, ``load_fast`` below;
+for a document the scan does not take, from the node marks of a whole parse). On
+a write it compares the old and new bytes in large
 chunks (memcmp) to find the changed stretches ("hunks"), widens each to whole list
 items, re-parses only those items with the same loader, and hands the changed
 entities to ``state.Incremental``.
@@ -23,15 +24,25 @@ a section emptied, an id made duplicate, too many hunks or items at once.
 from __future__ import annotations
 
 import os
+import re
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from edgeproxy.state import ID_RE, Problem, StateError, strict_loader, yaml_lines
+from edgeproxy.state import (
+    ID_RE,
+    ClusterState,
+    Problem,
+    RowStream,
+    StateError,
+    parse_state,
+    strict_loader,
+    yaml_lines,
+)
 
 #: top-level lists whose items are indexed, and the field that names an item
 ITEM_SECTIONS: dict[str, str] = {
@@ -559,6 +570,13 @@ class FileView:
             at += len(got)
         return b"".join(parts)
 
+    def read_all(self) -> bytearray:
+        """The whole file, into one buffer (no list of parts joined after)."""
+        buf = bytearray(self.size)
+        with memoryview(buf) as view:
+            self._chunk(view, 0, self.size)
+        return buf
+
     def _chunk(self, view: memoryview, at: int, n: int) -> memoryview:
         done = 0
         while done < n:
@@ -623,3 +641,449 @@ class FileView:
 def name_rows(patch: Patch) -> Callable[[str, str], str]:
     """``Incremental``'s row namer for a patch: ``machines[12]``, as the whole parse."""
     return lambda kind, key: f"{kind}[{patch.where.get((kind, key), 0)}]"
+
+
+# ------------------------------------------------------------------ cold load
+#
+# The first parse of a big file: composing one node tree for 100 MB of YAML costs a
+# minute and 6 GiB. Instead a line scan splits the document into its top-level
+# sections and each item section into its list items (exactly the units
+# ``YamlIndex`` records), and the items are parsed a batch at a time as validation
+# asks for them, so the plain data of 600,000 machines is never all in memory.
+#
+# The scan is trusted only where it cannot disagree with a parser: anything it does
+# not recognise returns None and the caller parses the whole document as before.
+# A batch is read by ``_BlockParser``, which accepts a small, unambiguous part of
+# YAML (block mappings and sequences, one-line plain or quoted scalars, one-line
+# flow collections; scalars resolved by the loader's own resolver) and gives up on
+# anything else (comments after a value, multi-line or escaped scalars, block
+# scalars, ...); then libyaml parses that batch alone, and its items must start on
+# the lines the scan found. A batch libyaml cannot parse alone, or whose items start
+# elsewhere, means the scan was fooled (a quoted scalar spanning lines, say): the
+# whole document is parsed. The boundaries are safe for the reason given at the top
+# of this module: a split at a column-0 key or at an item line of the section's own
+# indentation leaves any construct spanning it unterminated in the part before, and
+# libyaml refuses an unterminated construct.
+
+FAST_BATCH = 1000  # items per batch
+_TOP_NAMES = (*ITEM_SECTIONS, "version", "latency_ms")
+
+
+class _Unsupported(Exception):
+    """The batch has YAML the block parser does not read: libyaml reads it."""
+
+
+class _Fallback(Exception):
+    """The scan cannot be trusted for this document: parse the whole of it."""
+
+
+@dataclass
+class _Part:
+    name: str
+    start: int  # the key line
+    end: int  # the next key line, or the end
+    prefix: bytes | None = None  # an item section: b"  - "
+    starts: list[int] = field(default_factory=list)  # item line offsets
+
+
+_TOP_LINE = re.compile(rb"\n(?:[^ \n#-]|-(?! ))")  # column 0: not blank, comment, item
+_KEY_OPEN = re.compile(rb"([A-Za-z_][A-Za-z0-9_]*):(?:[ ]+#[^\n]*| *)\n")
+_KEY_ANY = re.compile(rb"([A-Za-z_][A-Za-z0-9_]*):(?: |\n)")
+_QUIET = re.compile(rb"(?:[ ]*(?:#[^\n]*)?\n)*\Z")  # blank and comment lines only
+_FIRST_ITEM = re.compile(rb"^( *)- ", re.M)
+
+
+def scan(text: bytes | bytearray) -> list[_Part] | None:
+    """The top-level sections of ``text`` and the items of its block-sequence
+    sections, or None when the document is not of the shape the scan trusts."""
+    if not text.endswith(b"\n"):
+        return None  # (rare: ``_parse_all`` of a file without a final newline)
+    if not text.isascii() or any(c in text for c in (*_UNSAFE, b"\r", b"\t", b"%")):
+        return None
+    for marker in (b"---", b"..."):
+        if text.startswith(marker) or b"\n" + marker in text:
+            return None
+    parts: list[_Part] = []
+    tops = [m.start() + 1 for m in _TOP_LINE.finditer(text)]
+    if text[:1] not in (b" ", b"\n", b"#") and not text.startswith(b"- "):
+        tops.insert(0, 0)
+    for at in tops:
+        key = _KEY_ANY.match(text, at)
+        if key is None:
+            return None
+        name = key.group(1).decode()
+        if name not in _TOP_NAMES or any(p.name == name for p in parts):
+            return None
+        if parts:
+            parts[-1].end = at
+        elif not _QUIET.match(text[:at]):
+            return None  # indented content before the first key
+        parts.append(_Part(name, at, len(text)))
+    if not parts:
+        return None
+    for part in parts:
+        opens = part.name in ITEM_SECTIONS and _KEY_OPEN.match(text, part.start)
+        if opens and not _scan_items(text, part):
+            return None
+    return parts
+
+
+def _scan_items(text: bytes | bytearray, part: _Part) -> bool:
+    """Find the items of a section whose key line opens a block; False: give up.
+    A section whose value is not a block sequence keeps ``prefix`` None."""
+    body = text.index(b"\n", part.start) + 1
+    first = _FIRST_ITEM.search(text, body, part.end)
+    if first is None or not _QUIET.match(text[body : first.start()]):
+        return True  # no items, or a mapping first: parsed whole (libyaml)
+    indent = len(first.group(1))
+    prefix = b" " * indent + b"- "
+    base = first.start() - 1  # the line break before the first item
+    # every line at or left of the items' indentation is an item, blank or a comment
+    stray = rb"\n {0,%d}(?:[^ \n#-]|-(?! ))" % indent
+    if re.compile(stray).search(text, base, part.end):
+        return False
+    if indent and re.compile(rb"\n {0,%d}- " % (indent - 1)).search(text, base, part.end):
+        return False
+    items = re.compile(b"\n" + re.escape(prefix))
+    starts = [m.start() + 1 for m in items.finditer(text, base, part.end)]
+    part.prefix = prefix
+    part.starts = starts
+    return True
+
+
+_PLAIN_CHARS = r"A-Za-z0-9_.~/+"
+_PLAIN = re.compile(rf"(?:[{_PLAIN_CHARS}]|-[0-9.])[{_PLAIN_CHARS}-]*\Z")
+_DQ = re.compile(r'"[ !#-\[\]-~]*"\Z')  # no escapes, no line breaks
+_SQ = re.compile(r"'[ -&(-~]*'\Z")  # no '' escapes
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+_FLOW_TOKEN = re.compile(
+    rf" *(?:([\[\]{{}},])|(: )|(\"[ !#-\[\]-~]*\"|'[ -&(-~]*')"
+    rf"|((?:[{_PLAIN_CHARS}]|-[0-9.])[{_PLAIN_CHARS}-]*)) *"
+)
+_STR_TAG = "tag:yaml.org,2002:str"
+_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")
+)
+_MAX_CACHED = 4096
+_MAX_SEEN = 1 << 16
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+
+
+class _Scalars:
+    """Plain scalars resolved and constructed as the strict loader does, by asking
+    its own resolver and constructors (cached: most values repeat)."""
+
+    def __init__(self) -> None:
+        self._loader = strict_loader("")
+        self._first = frozenset(k for k in self._loader.yaml_implicit_resolvers if k)
+        self._cache: dict[str, object] = {}
+        self.keys: dict[str, object] = {}  # mapping keys seen: text -> resolved key
+        self.seen: dict[str, object] = {}  # recent values: text -> immutable value
+
+    def key(self, text: str) -> object:
+        """A block mapping key as written (``name``, before the colon)."""
+        if not _KEY_NAME.match(text):
+            raise _Unsupported(text)
+        key = self.plain(text)
+        if len(self.keys) < _MAX_CACHED:
+            self.keys[text] = key
+        return key
+
+    def plain(self, value: str) -> object:
+        if value[0] not in self._first:
+            return value  # no implicit resolver starts with that character: a string
+        found = self._cache.get(value, self)
+        if found is not self:
+            return found
+        tag = self._loader.resolve(yaml.ScalarNode, value, (True, False))
+        if tag not in _SCALAR_TAGS:
+            raise _Unsupported(value)
+        if tag == _STR_TAG:
+            result: object = value
+        else:
+            node = yaml.ScalarNode(tag, value)
+            result = self._loader.yaml_constructors[tag](self._loader, node)
+        if len(self._cache) >= _MAX_CACHED:
+            self._cache.clear()
+        self._cache[value] = result
+        return result
+
+    def value(self, text: str) -> object:
+        """A one-line scalar or flow collection, as written after ``key: ``."""
+        first = text[:1]
+        if first == "[" or first == "{":
+            if text == "[]":
+                return []
+            return {} if text == "{}" else self.flow(text)
+        if _PLAIN.match(text):
+            return self.plain(text)
+        if (first == '"' and _DQ.match(text)) or (first == "'" and _SQ.match(text)):
+            return text[1:-1]
+        raise _Unsupported(text)
+
+    def flow(self, text: str) -> object:
+        tokens: list[tuple[int, str]] = []
+        at = 0
+        while at < len(text):
+            m = _FLOW_TOKEN.match(text, at)
+            if m is None or m.end() == at:
+                raise _Unsupported(text)
+            kind = m.lastindex or 0
+            tokens.append((kind, m.group(kind)))
+            at = m.end()
+        value, end = self._flow_node(tokens, 0)
+        if end != len(tokens):
+            raise _Unsupported(text)
+        return value
+
+    def _flow_scalar(self, token: tuple[int, str]) -> object:
+        kind, text = token
+        if kind == 4:
+            return self.plain(text)
+        if kind == 3:
+            return text[1:-1]
+        raise _Unsupported(text)
+
+    def _flow_node(self, tokens: list[tuple[int, str]], i: int) -> tuple[object, int]:
+        if i >= len(tokens):
+            raise _Unsupported("flow")
+        kind, text = tokens[i]
+        if kind != 1:
+            return self._flow_scalar(tokens[i]), i + 1
+        if text == "[":
+            items: list[object] = []
+            i += 1
+            while tokens[i:i + 1] != [(1, "]")]:
+                if items:
+                    if tokens[i:i + 1] != [(1, ",")]:
+                        raise _Unsupported("flow")
+                    i += 1
+                value, i = self._flow_node(tokens, i)
+                items.append(value)
+            return items, i + 1
+        if text == "{":
+            mapping: dict[object, object] = {}
+            i += 1
+            while tokens[i:i + 1] != [(1, "}")]:
+                if mapping:
+                    if tokens[i:i + 1] != [(1, ",")]:
+                        raise _Unsupported("flow")
+                    i += 1
+                if i + 2 >= len(tokens) or tokens[i + 1] != (2, ": "):
+                    raise _Unsupported("flow")
+                key = self._flow_scalar(tokens[i])
+                if key in mapping or not isinstance(key, str):
+                    raise _Unsupported("flow")
+                mapping[key], i = self._flow_node(tokens, i + 2)
+            return mapping, i + 1
+        raise _Unsupported("flow")
+
+
+class _BlockParser:
+    """A block sequence of items (one batch), or ``_Unsupported``.
+
+    Blank and comment lines are dropped first: with every scalar on one line (multi-
+    line scalars are refused) a line starting with ``#`` is always a comment."""
+
+    def __init__(self, text: str, scalars: _Scalars) -> None:
+        self.scalars = scalars
+        self.keys = scalars.keys
+        lines = text.split("\n")
+        con = [line.lstrip(" ") for line in lines]
+        self.ind = [len(a) - len(b) for a, b in zip(lines, con, strict=True)]
+        self.con = con
+        if "" in con or any(c[:1] == "#" for c in con):  # blank or comment lines
+            keep = [i for i, c in enumerate(con) if c and c[0] != "#"]
+            self.ind = [self.ind[i] for i in keep]
+            self.con = [con[i] for i in keep]
+        self.i = 0
+        self.n = len(self.con)
+
+    def items(self, indent: int) -> list[object]:
+        if self.n and self.ind[0] != indent:
+            raise _Unsupported("first line")
+        out = self.seq(indent)
+        if self.i != self.n:
+            raise _Unsupported("trailing lines")
+        return out
+
+    def seq(self, n: int) -> list[object]:
+        out: list[object] = []
+        ind, con = self.ind, self.con
+        while self.i < self.n:
+            at = ind[self.i]
+            if at < n:
+                break
+            if at > n:
+                raise _Unsupported("indentation")
+            c = con[self.i]
+            if c[:2] != "- ":
+                if c[:1] == "-":
+                    raise _Unsupported(c)
+                break  # a key at the same indentation: the end of an indentless list
+            rest = c[2:]
+            colon = rest.find(":")
+            if colon > 0 and rest[colon + 1 : colon + 2] in (" ", "") and rest[0] not in "\"'[{-":
+                ind[self.i] = n + 2
+                con[self.i] = rest
+                out.append(self.mapping(n + 2))
+            elif rest[:1] == "-" and rest[:2] in ("- ", "-"):
+                raise _Unsupported(c)
+            else:
+                out.append(self.scalars.value(rest))
+                self.i += 1
+        return out
+
+    def mapping(self, n: int) -> dict[object, object]:
+        out: dict[object, object] = {}
+        ind, con, keys, scalars = self.ind, self.con, self.keys, self.scalars
+        seen = scalars.seen
+        i, end = self.i, self.n
+        while i < end:
+            at = ind[i]
+            if at < n:
+                break
+            if at > n:
+                raise _Unsupported("indentation")
+            c = con[i]
+            colon = c.find(": ")
+            name = c[:colon] if colon > 0 else c[:-1] if c[-1] == ":" else None
+            if name is None:
+                raise _Unsupported(c)
+            key = keys.get(name, keys)
+            if key is keys:
+                key = scalars.key(name)
+            if key in out:
+                raise _Unsupported("duplicate key")
+            i += 1
+            if colon > 0:
+                text = c[colon + 2 :]
+                value = seen.get(text, seen)
+                if value is seen:
+                    value = scalars.value(text)
+                    if type(value) in _IMMUTABLE:
+                        if len(seen) >= _MAX_SEEN:
+                            seen.clear()
+                        seen[text] = value
+                out[key] = value
+                continue
+            self.i = i
+            if i < end and ind[i] > n:
+                nested = ind[i]
+                out[key] = self.seq(nested) if con[i][:2] == "- " else self.mapping(nested)
+            elif i < end and ind[i] == n and con[i][:2] == "- ":
+                out[key] = self.seq(n)
+            else:
+                out[key] = None
+            i = self.i
+        self.i = i
+        return out
+
+
+def _batch(
+    text: bytes | bytearray, part: _Part, k0: int, k1: int, scalars: _Scalars
+) -> list[object]:
+    """Items [k0, k1) of an item section, parsed; ``_Fallback`` when the scan was
+    fooled (libyaml disagrees on where the items start, or cannot parse them alone)."""
+    assert part.prefix is not None
+    a = part.starts[k0]
+    b = part.starts[k1] if k1 < len(part.starts) else part.end
+    snippet = bytes(text[a:b])
+    try:
+        items = _BlockParser(snippet.decode("ascii"), scalars).items(len(part.prefix) - 2)
+        if len(items) == k1 - k0:
+            return items
+    except _Unsupported:
+        pass
+    parsed = _parse_items(snippet, part.prefix)
+    if parsed is None or parsed[1] != [s - a for s in part.starts[k0:k1]]:
+        raise _Fallback(part.name)
+    return parsed[0]
+
+
+def _rows(text: bytes | bytearray, part: _Part, scalars: _Scalars) -> Iterator[object]:
+    for k0 in range(0, len(part.starts), FAST_BATCH):
+        yield from _batch(text, part, k0, min(k0 + FAST_BATCH, len(part.starts)), scalars)
+
+
+class _ScanLines(Mapping[str, int]):
+    """Line numbers for problem paths, as ``state.yaml_lines`` of the whole text
+    would give them, worked out for the few paths asked about: the item's (or the
+    section's) own text composed alone, and its first line added."""
+
+    def __init__(self, text: bytes | bytearray, parts: list[_Part]) -> None:
+        self._text = text
+        self._parts = {p.name: p for p in parts}
+        self._first = parts[0].start
+
+    def _line_at(self, offset: int) -> int:
+        return self._text.count(b"\n", 0, offset) + 1
+
+    def get(self, path: str, default: Any = None) -> Any:
+        if path == "":
+            return self._line_at(self._first)
+        cut = min((i for i in (path.find("."), path.find("[")) if i >= 0), default=len(path))
+        part = self._parts.get(path[:cut])
+        if part is None:
+            return default
+        if path == part.name:
+            return self._line_at(part.start)
+        if part.prefix is not None and path[cut] == "[":
+            close = path.find("]", cut)
+            try:
+                k = int(path[cut + 1 : close])
+            except ValueError:
+                return default
+            if not 0 <= k < len(part.starts):
+                return default
+            a = part.starts[k]
+            b = part.starts[k + 1] if k + 1 < len(part.starts) else part.end
+            lines = yaml_lines(bytes(self._text[a:b]))
+            got = lines.get("[0]" + path[close + 1 :])
+            return default if got is None else got + self._line_at(a) - 1
+        lines = yaml_lines(bytes(self._text[part.start : part.end]))
+        got = lines.get(path)
+        return default if got is None else got + self._line_at(part.start) - 1
+
+    def __getitem__(self, path: str) -> int:
+        line = self.get(path)
+        if line is None:
+            raise KeyError(path)
+        return int(line)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.get(path) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError("line numbers are looked up, not listed")
+
+    def __len__(self) -> int:
+        raise NotImplementedError("line numbers are looked up, not listed")
+
+
+def load_fast(text: bytes | bytearray, source: str) -> tuple[ClusterState, YamlIndex] | None:
+    """Parse and validate ``text`` by the scan (see above) with the index of its
+    items; None when the document needs the whole parse (``state.parse_yaml``).
+    Validation problems raise ``StateError`` with line numbers, as the whole parse's."""
+    parts = scan(text)
+    if parts is None:
+        return None
+    scalars = _Scalars()
+    data: dict[str, object] = {}
+    for part in parts:
+        if part.prefix is not None:
+            data[part.name] = RowStream(_rows(text, part, scalars))
+            continue
+        parsed = _parse_key(bytes(text[part.start : part.end]), part.name)
+        if parsed is None:
+            return None
+        data[part.name] = parsed[1]
+    try:
+        state = parse_state(data, source, _ScanLines(text, parts), copy_ids=True)
+    except _Fallback:
+        return None
+    sections = [
+        _Section(p.name, p.start, p.prefix, _Starts(p.starts) if p.prefix is not None else None)
+        for p in parts
+    ]
+    return state, YamlIndex(sections)

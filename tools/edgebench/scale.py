@@ -209,6 +209,7 @@ def etcd_plane(endpoint: str) -> dict[str, Any]:
         dp.load_in_child()
         tables = place(source.current(), synth.EDGE_ID)
         dp.sync(tables)
+        out["etcd_synced_s"] = time.perf_counter() - t0  # read, validated, placed, synced
         del tables
         gc.collect()
         gc.freeze()  # as the daemon does after a full apply
@@ -306,13 +307,19 @@ def file_source(apps: int) -> dict[str, Any]:
     from edgebench import synth
     from edgeproxy.placement import place
     from edgeproxy.sources import FileSource
-    from edgeproxy.state import parse_state, to_dict
 
     tmp = Path(tempfile.mkdtemp(prefix="edgebench-file-"))
     path = tmp / "state.yaml"
     out: dict[str, Any] = {"apps": apps, "rss_start_mib": _mib()}
-    path.write_text(synth.yaml_text(to_dict(parse_state(synth.build(apps), "synthetic"))))
-    gc.collect()
+    # written by a child: building 200,000 apps of plain data here would leave this
+    # process's peak (and its heap) at the writer's size, not the source's
+    try:
+        subprocess.run([str(VENV_PYTHON), "-m", "edgebench.scale", "yaml", str(apps), str(path)],
+                       check=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "tools")})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     out["yaml_mib"] = path.stat().st_size / 2**20
     version = [1]
 
@@ -341,6 +348,7 @@ def file_source(apps: int) -> dict[str, Any]:
     out["indexed"] = source._index is not None
     gc.collect()
     out["rss_source_mib"] = _mib()
+    out["rss_peak_load_mib"] = rss_kib(os.getpid())[1] / 1024
     big = apps > 5000
     dp = _dataplane("file", big=big)
     try:
@@ -352,6 +360,7 @@ def file_source(apps: int) -> dict[str, Any]:
         gc.collect()
         gc.freeze()
         out["rss_steady_mib"] = _mib()
+        out["rss_peak_before_changes_mib"] = rss_kib(os.getpid())[1] / 1024
         out.update(_changes_after_write(dp, source, write, apps))
         out["rss_after_changes_mib"] = _mib()
     finally:
@@ -454,6 +463,7 @@ def measure(result: Result, runs: int, quick: bool) -> None:
 
 def _report(result: Result, b: dict[str, Any], cp: dict[str, Any],
             files: list[dict[str, Any]], budget: float) -> None:
+    from edgeproxy.sources import ETCD_PAGE as etcd_page
     build_s = cp["sqlite_load_s"] + cp["place_s"]
     result.rows += [
         Row("validate (SQLite read)", "cold build", "s", [cp["sqlite_load_s"]],
@@ -482,6 +492,17 @@ def _report(result: Result, b: dict[str, Any], cp: dict[str, Any],
                                [cp["rss_after_etcd_changes_mib"]], better="lower",
                                target="<= 1024 MiB",
                                met=cp["rss_after_etcd_changes_mib"] <= 1024).finish())
+    if "etcd_load_s" in cp:
+        result.rows += [
+            Row("etcd source load", "cold build", "s", [cp["etcd_load_s"]], better="lower",
+                target="<= 30 s", met=cp["etcd_load_s"] <= 30,
+                notes="read at one revision + validation").finish(),
+            Row("etcd cold start to synced", "cold build", "s", [cp["etcd_synced_s"]],
+                better="lower", notes="+ place + program load + sync").finish(),
+            Row("control-plane RSS (etcd), peak", "memory", "MiB", [cp["rss_etcd_peak_mib"]],
+                better="lower", target="<= 1024 MiB",
+                met=cp["rss_etcd_peak_mib"] <= 1024).finish(),
+        ]
     if "map_memory_bytes" in cp:
         gib = cp["map_memory_bytes"] / 2**30
         result.rows.append(Row(f"kernel maps ({n:,} services)", "memory", "GiB", [gib],
@@ -512,7 +533,13 @@ def _report(result: Result, b: dict[str, Any], cp: dict[str, Any],
     big = files[-1]
     result.rows += [
         Row(f"file source load ({big['apps']:,} apps)", "cold build", "s", [big["load_s"]],
-            better="lower", notes="whole parse + validation + item index").finish(),
+            better="lower", target="<= 30 s", met=big["load_s"] <= 30,
+            notes="line scan + items parsed in batches + validation + item index").finish(),
+        Row(f"control-plane RSS (file, {big['apps']:,} apps), peak", "memory", "MiB",
+            [big["rss_peak_before_changes_mib"]], better="lower", target="<= 1024 MiB",
+            met=big["rss_peak_before_changes_mib"] <= 1024,
+            notes="cold load to steady; the bench's writer adds its copy of the file "
+                  "during the changes").finish(),
         Row(f"control-plane RSS (file, {big['apps']:,} apps), steady", "memory", "MiB",
             [big["rss_after_changes_mib"]], better="lower", target="<= 1024 MiB",
             met=big["rss_after_changes_mib"] <= 1024).finish(),
@@ -556,8 +583,9 @@ def _report(result: Result, b: dict[str, Any], cp: dict[str, Any],
             f"{k} {cp[k]['gc_collections']}" for k in ("sqlite", "etcd") if k in cp) + ".",
         f"etcd bulk load: {b.get('etcd_keys', 0):,} keys in {b.get('etcd_txns', 0):,} "
         f"transactions of <= {ETCD_TXN_OPS} puts, {b.get('etcd_load_s', 0):.0f} s; the etcd "
-        "source reads them in pages of 10,000 keys at one revision "
-        f"({cp.get('etcd_load_s', 0):.1f} s including validation).",
+        "source reads them at one revision, the kinds side by side on their own "
+        f"connections in pages of {etcd_page:,} keys, validating as the pages arrive "
+        f"({cp.get('etcd_load_s', 0):.1f} s from nothing to a validated state).",
         f"File source ({sizes} apps; {FILE_CHANGES} changes each): the writer rewrites the "
         "whole file (atomic rename) with one machine's state and the version changed; the "
         "edge wakes on inotify (or the 20 ms stat poll), compares the new bytes with the "
@@ -570,8 +598,12 @@ def _report(result: Result, b: dict[str, Any], cp: dict[str, Any],
         f"(the writer keeps none between writes); RSS after load "
         f"{big['rss_source_mib']:.0f} MiB, steady "
         f"{big['rss_steady_mib']:.0f} MiB, after the changes "
-        f"{big['rss_after_changes_mib']:.0f} MiB, peak {big['rss_peak_mib']:.0f} MiB (the "
-        f"first parse's node tree); cold load {big['load_s']:.0f} s.",
+        f"{big['rss_after_changes_mib']:.0f} MiB, peak {big['rss_peak_before_changes_mib']:.0f} "
+        f"MiB from the cold load to steady (during the load alone "
+        f"{big['rss_peak_load_mib']:.0f} MiB; {big['rss_peak_mib']:.0f} MiB with the bench's "
+        "writer reading its copy of the file during the changes); cold "
+        f"load {big['load_s']:.0f} s (a line scan into list items, parsed in batches as "
+        "validation reads them; no node tree for the whole file).",
     ]
     if not full:
         result.notes.append(
@@ -588,6 +620,13 @@ def main() -> int:
         out = etcd_plane(sys.argv[2])
     elif mode == "file":
         out = file_source(int(sys.argv[2]))
+    elif mode == "yaml":
+        from edgebench import synth
+        from edgeproxy.state import parse_state, to_dict
+
+        state = parse_state(synth.build(int(sys.argv[2])), "synthetic")
+        Path(sys.argv[3]).write_text(synth.yaml_text(to_dict(state)))
+        return 0
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out), flush=True)
