@@ -315,9 +315,11 @@ static __always_inline int refuse(void *ctx, const int tc, struct dp_config *cfg
     return drop();
 }
 
-/* DNAT the inner packet to machine:internal_port, then IPIP it to the worker */
+/* DNAT the inner packet to machine:internal_port, then IPIP it to the worker.
+ * ip and tcp are the headers edge_forward() checked (through tcp + 1); nothing
+ * since then changed the packet, so they are still valid for the verifier. */
 static __always_inline int forward(void *ctx, const int tc, struct dp_config *cfg,
-                                   __u32 machine)
+                                   __u32 machine, struct iphdr *ip, struct tcphdr *tcp)
 {
     struct machine_value *m = machines.lookup(&machine);
     if (!m || !(m->flags & MACHINE_F_IN_USE)) {
@@ -327,17 +329,15 @@ static __always_inline int forward(void *ctx, const int tc, struct dp_config *cf
     __u32 maddr = m->addr, worker = m->worker;
     __u16 mport = m->port;
 
-    void *data = ep_data(ctx, tc);
-    void *data_end = ep_data_end(ctx, tc);
-    struct iphdr *ip = data + sizeof(struct ethhdr);
-    struct tcphdr *tcp = (void *)(ip + 1);
-    if ((void *)(tcp + 1) > data_end)
-        return drop();
     __u32 vip = ip->daddr;
     __u16 vport = tcp->dest;
-    ep_nat(ctx, tc, IP_DST_OFF, vip, maddr, TCP_DPORT_OFF, vport, mport);
+    /* what the outer header copies from the inner one, read before any rewrite */
+    __u16 inner_len = ip->tot_len;
+    __u8 tos = ip->tos;
+    __u16 df = ip->frag_off & bpf_htons(IP_DF);
+    ep_nat(ctx, tc, ip, tcp, IP_DST_OFF, vip, maddr, TCP_DPORT_OFF, vport, mport);
 
-    if (ep_encap_to_worker(ctx, tc, cfg->host_addr, worker, vip, vport)) {
+    if (ep_encap_to_worker(ctx, tc, inner_len, tos, df, cfg->host_addr, worker, vip, vport)) {
         anomaly_inc(ANOM_HEADROOM);
         return drop();
     }
@@ -443,14 +443,11 @@ static __always_inline int new_flow(void *ctx, const int tc, struct dp_config *c
     return -1;
 }
 
-static __always_inline int edge_forward(void *ctx, const int tc, struct dp_config *cfg)
+/* ip: an IPv4 header edge_core() checked (in bounds, version 4, IHL >= 5,
+ * total length within the packet); data_end from the same read of the context */
+static __always_inline int edge_forward(void *ctx, const int tc, struct dp_config *cfg,
+                                        struct iphdr *ip, void *data_end)
 {
-    void *data = ep_data(ctx, tc);
-    void *data_end = ep_data_end(ctx, tc);
-    struct iphdr *ip = data + sizeof(struct ethhdr);
-    if ((void *)(ip + 1) > data_end)
-        return pass();
-
     if (ip->ihl != 5)
         return vip_anomaly(ip->daddr, ANOM_IP_OPTIONS, XDP_DROP);
     if (ip_is_fragment(ip))
@@ -458,15 +455,18 @@ static __always_inline int edge_forward(void *ctx, const int tc, struct dp_confi
     if (ip->protocol != IPPROTO_TCP)
         return vip_anomaly(ip->daddr, ANOM_NON_TCP_VIP, XDP_PASS);
 
+    /* tcp_check()'s steps written out, so the one bounds check of tcp + 1 is
+     * the one every later access (here and in forward()) is proved by */
     struct tcphdr *tcp = (void *)(ip + 1);
-    __u32 payload = 0;
-    enum tcp_check check = tcp_check(ip, tcp, data_end, &payload);
-    if (check == TCP_TRUNCATED)
+    if ((void *)(tcp + 1) > data_end)
         return vip_anomaly(ip->daddr, ANOM_TRUNC_TCP, XDP_DROP);
-    if (check == TCP_BAD_DOFF)
+    __u32 ip_len = bpf_ntohs(ip->tot_len);
+    __u32 doff = tcp->doff * 4;
+    if (doff < sizeof(struct tcphdr) || ip_len < sizeof(struct iphdr) + doff)
         return vip_anomaly(ip->daddr, ANOM_BAD_DOFF, XDP_DROP);
-    if ((void *)(tcp + 1) > data_end)   /* tcp_check proved it; the verifier needs it here */
-        return pass();
+    if ((void *)tcp + doff > data_end)
+        return vip_anomaly(ip->daddr, ANOM_TRUNC_TCP, XDP_DROP);
+    __u32 payload = ip_len - sizeof(struct iphdr) - doff;
 
     __u8 flags = tcp_flags(tcp);
     struct ct_key ck = {.saddr = ip->saddr, .daddr = ip->daddr,
@@ -537,7 +537,7 @@ stick:
             return verdict;
     }
     count_packet(machine, payload, 0, opened);
-    return forward(ctx, tc, cfg, machine);
+    return forward(ctx, tc, cfg, machine, ip, tcp);
 }
 
 /* ------------------------------------------------------------ entry point */
@@ -559,7 +559,8 @@ static __always_inline int edge_core(void *ctx, const int tc)
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5 ||
         bpf_ntohs(ip->tot_len) < ip->ihl * 4 ||
-        sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len) > ep_len(ctx, tc)) {
+        sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len) >
+            (tc ? ep_len(ctx, tc) : (__u32)(data_end - data))) {
         anomaly_inc(ANOM_BAD_IP);
         return pass();   /* the kernel validates IP headers and drops these itself */
     }
@@ -578,7 +579,7 @@ static __always_inline int edge_core(void *ctx, const int tc)
     cfg = config.lookup(&zero);
     if (!cfg)
         return pass();
-    return edge_forward(ctx, tc, cfg);
+    return edge_forward(ctx, tc, cfg, ip, data_end);
 }
 
 int edge_xdp(struct xdp_md *ctx)

@@ -84,9 +84,13 @@ static __always_inline int tc_verdict(struct __sk_buff *skb, int v)
 }
 
 /* Rewrite a 4-byte address at addr_off and a 2-byte port at port_off of an IPv4
- * (IHL 5) + TCP packet, fixing both checksums. old_* must be what is there now. */
-static __always_inline void ep_nat(void *ctx, const int tc, int addr_off, __u32 old_addr,
-                                   __u32 new_addr, int port_off, __u16 old_port, __u16 new_port)
+ * (IHL 5) + TCP packet, fixing both checksums. old_* must be what is there now.
+ * XDP writes through ip and tcp, which the caller has bounds-checked (through
+ * tcp + 1) and not invalidated since; TC ignores them (its helpers take offsets
+ * and invalidate packet pointers) and may be given NULL. */
+static __always_inline void ep_nat(void *ctx, const int tc, struct iphdr *ip, struct tcphdr *tcp,
+                                   int addr_off, __u32 old_addr, __u32 new_addr,
+                                   int port_off, __u16 old_port, __u16 new_port)
 {
     const int ip_csum = sizeof(struct ethhdr) + offsetof(struct iphdr, check);
     const int tcp_csum = sizeof(struct ethhdr) + sizeof(struct iphdr) +
@@ -100,12 +104,6 @@ static __always_inline void ep_nat(void *ctx, const int tc, int addr_off, __u32 
         bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0);
         return;
     }
-    void *data = ep_data(ctx, 0);
-    void *data_end = ep_data_end(ctx, 0);
-    struct iphdr *ip = data + sizeof(struct ethhdr);
-    struct tcphdr *tcp = (void *)(ip + 1);
-    if ((void *)(tcp + 1) > data_end)
-        return;
     /* the address delta once, for the IP header and the TCP pseudo header */
     __u64 d = ep_csum_diff4(old_addr, new_addr);
     /* five and seven 16-bit terms: two folds are enough */
@@ -153,24 +151,6 @@ static __always_inline int ep_decap(void *ctx, const int tc, const int outer_len
     /* outer_len >= 20 > ETH_HLEN: source and destination do not overlap */
     ep_copy_eth(data + outer_len, data);
     return bpf_xdp_adjust_head(ctx, outer_len) ? -1 : 0;
-}
-
-/* Make room for outer_len bytes between Ethernet and the IPv4 header, with the
- * Ethernet header left (XDP: moved) in front. Returns 0 or -1. */
-static __always_inline int ep_grow_outer(void *ctx, const int tc, const int outer_len)
-{
-    if (tc)
-        return bpf_skb_adjust_room(ctx, outer_len, BPF_ADJ_ROOM_MAC,
-                                   BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) ? -1 : 0;
-    if (bpf_xdp_adjust_head(ctx, -outer_len))
-        return -1;
-    void *data = ep_data(ctx, 0);
-    void *data_end = ep_data_end(ctx, 0);
-    /* the old Ethernet header now starts outer_len bytes in */
-    if (data + sizeof(struct ethhdr) + outer_len > data_end)
-        return -1;
-    ep_copy_eth(data, data + outer_len);
-    return 0;
 }
 
 /* Cut the packet to len bytes (len <= current length). Returns 0 or -1. */

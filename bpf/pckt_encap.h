@@ -18,26 +18,32 @@
  * header (XDP: adjust_head; TC: adjust_room with ENCAP_L3_IPV4, GSO kept whole:
  * the kernel marks the skb IPXIP4 and lowers gso_size by the 28 bytes, and GSO
  * copies the outer header, option included, into every segment if it must cut).
+ * The inner header's tot_len (network order), tos and DF bit come from the
+ * caller, which has read them already: nothing of the inner packet is re-read.
  * Returns 0 or -1 (no headroom). */
-static __always_inline int ep_encap_to_worker(void *ctx, const int tc, __u32 saddr,
+static __always_inline int ep_encap_to_worker(void *ctx, const int tc, __u16 inner_len,
+                                              __u8 tos, __u16 df, __u32 saddr,
                                               __u32 daddr, __u32 vip, __u16 vport)
 {
-    void *data = ep_data(ctx, tc);
-    void *data_end = ep_data_end(ctx, tc);
-    struct iphdr *inner = data + sizeof(struct ethhdr);
-    if ((void *)(inner + 1) > data_end)
+    __u16 outer_len = bpf_htons(bpf_ntohs(inner_len) + OUTER_LEN_EDGE);
+    void *data, *data_end;
+    if (tc) {
+        if (bpf_skb_adjust_room(ctx, OUTER_LEN_EDGE, BPF_ADJ_ROOM_MAC,
+                                BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
+            return -1;
+    } else if (bpf_xdp_adjust_head(ctx, -(int)OUTER_LEN_EDGE)) {
         return -1;
-    __u16 outer_len = bpf_htons(bpf_ntohs(inner->tot_len) + OUTER_LEN_EDGE);
-    __u8 tos = inner->tos;
-    __u16 df = inner->frag_off & bpf_htons(IP_DF);
-
-    if (ep_grow_outer(ctx, tc, OUTER_LEN_EDGE))
-        return -1;
+    }
     data = ep_data(ctx, tc);
     data_end = ep_data_end(ctx, tc);
-    struct iphdr *outer = data + sizeof(struct ethhdr);
+    /* one check for both the Ethernet move (XDP: the old header now starts 28
+     * bytes in) and the outer header's words; the verifier needs it after the
+     * adjust, which invalidated every packet pointer */
     if (data + sizeof(struct ethhdr) + OUTER_LEN_EDGE > data_end)
         return -1;
+    if (!tc)
+        ep_copy_eth(data, data + OUTER_LEN_EDGE);
+    struct iphdr *outer = data + sizeof(struct ethhdr);
     /* seven 32-bit words written from registers; the header checksum is summed
      * from the same values (a one's-complement sum of 32-bit words folds to the
      * sum of their 16-bit halves), not read back from the packet */

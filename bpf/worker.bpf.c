@@ -191,7 +191,7 @@ int worker_egress(struct __sk_buff *skb)
     __u16 df = ip->frag_off & bpf_htons(IP_DF);
 
     /* reverse NAT; the helpers keep CHECKSUM_PARTIAL skbs right (pseudo header only) */
-    ep_nat(skb, 1, IP_SRC_OFF, old_addr, fv.vip, TCP_SPORT_OFF, old_port, fv.vport);
+    ep_nat(skb, 1, NULL, NULL, IP_SRC_OFF, old_addr, fv.vip, TCP_SPORT_OFF, old_port, fv.vport);
 
     __u32 zero = 0;
     struct dp_config *cfg = config.lookup(&zero);
