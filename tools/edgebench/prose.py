@@ -168,15 +168,18 @@ def why(name: str, res: dict[str, Any]) -> list[str]:
         if el and nl:
             out.append(
                 f"HTTP: edgeproxy serves {el:,.0f} req/s against nginx's {nl:,.0f} "
-                f"({el / nl:.0%}) with far higher latency. It is one Python (asyncio/uvloop) "
-                "process doing strict HTTP/1.1 parsing, header rules, admission and a pooled "
-                "upstream per request, written on asyncio streams with a coroutine chain per "
-                "request; the backhaul case adds a second Python hop (the worker's daemon) "
-                "and HTTP/2 framing on both.")
+                f"({el / nl:.0%}) with higher latency. It is one Python (asyncio/uvloop) "
+                "process; these GETs go to a machine on the edge's own host, so the fast lane "
+                "serves them on protocol callbacks (no task or timer per request). What it "
+                "still spends per request is the rules themselves, each a Python function: "
+                "the strict request parser, header rules, admission and the balancing rule, "
+                "the response parser and framing, counters. The backhaul case takes the "
+                "general path (a task per request) and adds a second Python hop (the "
+                "worker's daemon) and HTTP/2 framing (the h2 library) on both.")
             pf = m("python-floor", "req-rate")
             if pf:
-                verdict = ("so Python itself does not rule the 90% target out here: the gap "
-                           "is edgeproxy's per-request work and how it is written"
+                verdict = ("so the process model does not rule the 90% target out: the "
+                           "gap is what edgeproxy's rules cost per request in CPython"
                            if pf >= 0.9 * nl else
                            "so the process model alone already costs part of the gap")
                 out.append(
