@@ -123,9 +123,18 @@ def test_meter_attributes_a_busy_task_to_its_app() -> None:
     run(main)
 
 
-def test_cpu_budget_bounds_a_flooding_app_and_web_is_served() -> None:
+async def start_wrk(seconds: float, url: str, *headers: str) -> asyncio.subprocess.Process:
+    """wrk flooding ``url`` with 16 keep-alive connections for ``seconds``."""
     wrk = shutil.which("wrk")
     assert wrk, "wrk is installed by tools/setup"
+    args = [arg for header in headers for arg in ("-H", header)]
+    return await asyncio.create_subprocess_exec(
+        wrk, "-t1", "-c16", f"-d{int(seconds)}s", *args, url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+def test_cpu_budget_bounds_a_flooding_app_and_web_is_served() -> None:
     limit, seconds = 0.2, 3.0
     settings = dataclasses.replace(FAST, app_cpu_limit=limit, queue_timeout=0.3)
 
@@ -133,10 +142,9 @@ def test_cpu_budget_bounds_a_flooding_app_and_web_is_served() -> None:
         async with lab(settings, extra_apps=True) as L:
             # flood: every request is refused cheaply (a machine that does not exist),
             # so all of its cost is the proxy's own CPU, as fast as wrk can send.
-            proc = await asyncio.create_subprocess_exec(
-                wrk, "-t1", "-c16", f"-d{int(seconds)}s", "-H", "Host: flood.test",
-                "-H", "edgeproxy-force-machine: nope", f"http://{VIP}:{L.port}/f",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            proc = await start_wrk(
+                seconds, f"http://{VIP}:{L.port}/f", "Host: flood.test",
+                "edgeproxy-force-machine: nope",
             )
             await asyncio.sleep(0.5)  # flood running, its bucket drained
             flood0 = L.edge.snapshot().cpu_seconds.get("flood", 0.0)
@@ -166,8 +174,6 @@ def test_cpu_budget_bounds_an_app_flooding_the_fast_lane() -> None:
     # The flooding app's machine is on the edge's own host and answers at once, so
     # its requests are plain and served on the lane's callbacks (charged to the app
     # by the lane, not by task steps) until its budget runs out.
-    wrk = shutil.which("wrk")
-    assert wrk, "wrk is installed by tools/setup"
     limit, seconds = 0.2, 3.0
     settings = dataclasses.replace(FAST, app_cpu_limit=limit, queue_timeout=0.3)
 
@@ -181,11 +187,7 @@ def test_cpu_budget_bounds_an_app_flooding_the_fast_lane() -> None:
                     table("hot", VIP, L.port, [[backend(hot, "hot", EDGE)]], soft=500, hard=1000)
                 )
                 L.edge.update(tables, {"web.test": "web", "hot.test": "hot"})
-                proc = await asyncio.create_subprocess_exec(
-                    wrk, "-t1", "-c16", f"-d{int(seconds)}s", "-H", "Host: hot.test",
-                    f"http://{VIP}:{L.port}/h",
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                )
+                proc = await start_wrk(seconds, f"http://{VIP}:{L.port}/h", "Host: hot.test")
                 await asyncio.sleep(0.5)
                 hot0 = L.edge.snapshot().cpu_seconds.get("hot", 0.0)
                 t0 = time.monotonic()

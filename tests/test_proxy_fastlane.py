@@ -7,10 +7,21 @@ machine is on the edge's own host (the lane's case)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 
 from edgeproxy.proxy.server import HttpProxy
-from test_proxy_support import FAST, VIP, exchange_on, lab, raw_exchange, request, run
+from test_proxy_support import (
+    FAST,
+    VIP,
+    Machine,
+    exchange_on,
+    lab,
+    raw_exchange,
+    request,
+    run,
+)
 
 
 def lane_counts(edge: HttpProxy) -> tuple[int, int]:
@@ -68,13 +79,10 @@ def test_pipelined_requests_answered_in_order_with_a_body_in_between() -> None:
 def test_pooled_connection_closed_by_the_machine_is_resent_on_a_fresh_one() -> None:
     async def main() -> None:
         async with lab() as L:
-            machine = L.machines["web-ord-1"]
-            await machine.stop()
             # Answers the first request of each connection; closes at the second
             # without answering: the keep-alive race, every time.
             raw = RawMachine(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False, 1)
-            server = await asyncio.start_server(raw.serve, machine.address, machine.port)
-            try:
+            async with in_place_of(L.machines["web-ord-1"], raw):
                 for path in ("/a", "/b", "/c"):
                     r = await request("GET", path, L.port)
                     assert r.status == 200 and r.body == b"ok", (path, r.body[:300])
@@ -82,8 +90,6 @@ def test_pooled_connection_closed_by_the_machine_is_resent_on_a_fresh_one() -> N
                 assert L.edge.snapshot().retries.get("web", 0) == 0  # same machine, no retry
                 assert lane_counts(L.edge) == (3, 0)
                 await settle(L.edge)
-            finally:
-                server.close()
 
     run(main)
 
@@ -196,6 +202,17 @@ def test_large_download_streams_through_the_lane() -> None:
     run(main)
 
 
+@contextlib.asynccontextmanager
+async def in_place_of(machine: Machine, raw: RawMachine) -> AsyncIterator[RawMachine]:
+    """Stop the fixture machine and answer on its address with canned bytes."""
+    await machine.stop()
+    server = await asyncio.start_server(raw.serve, machine.address, machine.port)
+    try:
+        yield raw
+    finally:
+        server.close()
+
+
 class RawMachine:
     """Answers each request with canned bytes: chunked, close-delimited, garbage."""
 
@@ -231,25 +248,18 @@ def test_chunked_and_close_delimited_responses_are_reframed_for_the_client() -> 
             (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end", True, b"until the end"),
         ]
         for answer, close, body in cases:
-            async with lab() as L:
-                machine = L.machines["web-ord-1"]
-                await machine.stop()
-                raw = RawMachine(answer, close)
-                server = await asyncio.start_server(raw.serve, machine.address, machine.port)
+            async with lab() as L, in_place_of(L.machines["web-ord-1"], RawMachine(answer, close)):
+                reader, writer = await asyncio.open_connection(VIP, L.port)
                 try:
-                    reader, writer = await asyncio.open_connection(VIP, L.port)
-                    try:
-                        r = await exchange_on(reader, writer, "GET", "/c")
-                        assert r.status == 200 and r.body == body
-                        assert r.headers.get("transfer-encoding") == "chunked"
-                        again = await exchange_on(reader, writer, "GET", "/c2")
-                        assert again.status == 200 and again.body == body
-                    finally:
-                        writer.close()
-                    assert lane_counts(L.edge) == (2, 0)
-                    await settle(L.edge)
+                    r = await exchange_on(reader, writer, "GET", "/c")
+                    assert r.status == 200 and r.body == body
+                    assert r.headers.get("transfer-encoding") == "chunked"
+                    again = await exchange_on(reader, writer, "GET", "/c2")
+                    assert again.status == 200 and again.body == body
                 finally:
-                    server.close()
+                    writer.close()
+                assert lane_counts(L.edge) == (2, 0)
+                await settle(L.edge)
 
     run(main)
 
@@ -257,16 +267,11 @@ def test_chunked_and_close_delimited_responses_are_reframed_for_the_client() -> 
 def test_garbage_from_the_machine_before_its_head_is_retried_elsewhere() -> None:
     async def main() -> None:
         async with lab() as L:
-            machine = L.machines["web-ord-1"]
-            await machine.stop()
             raw = RawMachine(b"NOT HTTP AT ALL\r\n\r\n", True)
-            server = await asyncio.start_server(raw.serve, machine.address, machine.port)
-            try:
+            async with in_place_of(L.machines["web-ord-1"], raw):
                 r = await request("GET", "/g", L.port)
                 assert r.status == 200 and r.json()["region"] == "ams"
                 assert L.edge.snapshot().retries["web"] == 1
                 await settle(L.edge)
-            finally:
-                server.close()
 
     run(main)
