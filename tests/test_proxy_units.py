@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 from ipaddress import IPv4Address
 
 import pytest
@@ -512,3 +513,32 @@ def test_h2_host_header_and_authority_rfc9113_8_3_1() -> None:
     authority, problem = request_authority(b"198.19.0.80", [(b"host", b"web.lab")])
     assert authority is None and problem is not None and "differs" in problem
     assert request_authority(b"a", [(b"host", b"a"), (b"host", b"a")])[1] is not None
+
+
+# The response parser checks a header section by counting lines against matches
+# anchored at line starts; this is the rule it replaced, stated as one regex.
+_WHOLE_SECTION = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*")
+_SECTION_BYTES = [
+    b"a", b"X", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"-", b"(", b"\x7f", b"\xff"
+]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_SECTION_BYTES), max_size=16))
+def test_response_header_section_rule_is_the_whole_section_regex(parts: list[bytes]) -> None:
+    from edgeproxy.proxy.responses import ResponseError, ResponseParser
+
+    section = b"".join(parts)
+    if not section or section.startswith(b"\r\n") or b"\r\n\r\n" in section + b"\r\n":
+        return  # an empty line ends the head: not a section of field lines
+    parser = ResponseParser()
+    parser.start(b"GET")
+    parser.feed(b"HTTP/1.1 200 OK\r\n" + section + b"\r\n\r\n")
+    expected = _WHOLE_SECTION.fullmatch(section + b"\r\n") is not None
+    try:
+        parser.next_event()
+        accepted = True
+    except ResponseError as exc:
+        assert "header section" in str(exc), exc
+        accepted = False
+    assert accepted == expected, section

@@ -20,9 +20,11 @@ MAX_TRAILERS = 64 * 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-# name ":" OWS value CRLF, value without CR/LF (trailing OWS stripped after).
-_FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)\r\n")
-_FIELD_SECTION = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*")
+# At a line start: name ":" OWS value CRLF, value without CR/LF (trailing OWS
+# stripped after).
+_FIELD_LINE = re.compile(
+    rb"(?:(?<=\n)|\A)([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)\r\n"
+)
 _FRAMING = frozenset({b"connection", b"transfer-encoding", b"content-length"})
 
 
@@ -153,11 +155,13 @@ class ResponseParser:
         if line_end < 0:
             fields = []
         else:
-            # One C-level pass over every field line; anything it does not cover
-            # exactly (bare CR/LF, obs-fold, a bad name) is an error.
+            # One C-level pass over the field lines, each match anchored at a line
+            # start; with every CR and LF part of a CRLF, as many matches as lines
+            # means every line is a whole field (no bare CR/LF, obs-fold, bad name).
             rest = block[line_end + 2 :] + b"\r\n"
             fields = _FIELD_LINE.findall(rest)
-            if _FIELD_SECTION.fullmatch(rest) is None:
+            lines = rest.count(b"\r\n")
+            if not (len(fields) == lines == rest.count(b"\n") == rest.count(b"\r")):
                 raise ResponseError("malformed response header section")
         headers = []
         framing = []
@@ -183,8 +187,13 @@ class ResponseParser:
         if self._method == b"HEAD" or status in (204, 304):
             self._state = _END_PENDING
             return head
-        codings = _tokens(framing, b"transfer-encoding") if framing else []
-        lengths = [v for k, v in framing if k == b"content-length"] if framing else []
+        codings = []
+        lengths = []
+        for name, value in framing:
+            if name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings = _tokens(framing, b"transfer-encoding")
         if codings:
             if codings != [b"chunked"]:
                 raise ResponseError("unsupported Transfer-Encoding from machine")
@@ -192,10 +201,13 @@ class ResponseParser:
                 self.keep_alive = False  # RFC 9112 6.3: TE wins, then close
             self._state = _CHUNK_SIZE_S
         elif lengths:
-            values = {item.strip(b" \t") for v in lengths for item in v.split(b",")}
-            if len(values) != 1:
-                raise ResponseError("conflicting Content-Length from machine")
-            value = values.pop()
+            if len(lengths) == 1 and b"," not in lengths[0]:
+                value = lengths[0].strip(b" \t")  # the usual one value
+            else:
+                values = {item.strip(b" \t") for v in lengths for item in v.split(b",")}
+                if len(values) != 1:
+                    raise ResponseError("conflicting Content-Length from machine")
+                value = values.pop()
             if not _DIGITS.fullmatch(value):
                 raise ResponseError("bad Content-Length from machine")
             self._remaining = int(value)
