@@ -275,3 +275,33 @@ def test_garbage_from_the_machine_before_its_head_is_retried_elsewhere() -> None
                 await settle(L.edge)
 
     run(main)
+
+
+def test_head_and_http10_keep_alive_on_the_lane() -> None:
+    async def main() -> None:
+        async with lab() as L:
+            reader, writer = await asyncio.open_connection(VIP, L.port)
+            try:
+                writer.write(b"HEAD /h HTTP/1.1\r\nHost: web.test\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: " in head
+                # HTTP/1.0 with keep-alive: the answer says so and the connection stays.
+                writer.write(
+                    b"GET /ten HTTP/1.0\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n"
+                )
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ") and b"connection: keep-alive" in head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = await asyncio.wait_for(reader.readexactly(length), 5)
+                assert b'"path": "/ten"' in body
+                # HTTP/1.0 without keep-alive: answered, then closed.
+                writer.write(b"GET /last HTTP/1.0\r\nHost: web.test\r\n\r\n")
+                rest = await asyncio.wait_for(reader.read(), 5)
+                assert rest.startswith(b"HTTP/1.1 200 ") and b"connection: close" in rest
+                assert b'"path": "/last"' in rest
+            finally:
+                writer.close()
+            assert lane_counts(L.edge) == (3, 0)
+            await settle(L.edge)
+
+    run(main)
