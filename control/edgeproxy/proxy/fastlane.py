@@ -62,7 +62,6 @@ from edgeproxy.proxy.responses import (
     ResponseParser,
 )
 from edgeproxy.proxy.routes import RouteMap
-from edgeproxy.proxy.stats import ProxyCounters
 from edgeproxy.proxy.targeting import candidate_tables, parse_replay, parse_routing_hints
 from edgeproxy.routing import Backend, ServiceTable
 
@@ -80,7 +79,6 @@ MIN_TICK = 0.01
 MAX_TICK = 0.5
 
 _IDLE, _EXCHANGE, _GENERAL, _CLOSED = range(4)
-_UNKNOWN = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +100,12 @@ class FastLane:
         settings: LaneSettings,
         forwarder: Forwarder,
         routes: Callable[[], RouteMap],
-        counters: ProxyCounters,
         cpu: CpuMeter,
     ) -> None:
         self.settings = settings
         self.forwarder = forwarder
         self.routes = routes
-        self.counters = counters
+        self.counters = forwarder.counters  # the one set the general path counts in
         self.cpu = cpu
         self.pool = UpstreamPool(self)
         self.connections: set[ClientConnection] = set()
@@ -117,7 +114,7 @@ class FastLane:
         self.lane_requests = 0
         self.general_requests = 0
         self._sweeper: asyncio.TimerHandle | None = None
-        self._targets: dict[str, object] = {}
+        self._targets: dict[str, tuple[str, int] | None] = {}
         self._targets_for: RouteMap | None = None
         t = settings.timeouts
         shortest = min(t.header, t.idle, settings.response_timeout, settings.read_timeout)
@@ -132,12 +129,13 @@ class FastLane:
         if routes is not self._targets_for:
             self._targets_for = routes
             self._targets.clear()
-        found = self._targets.get(backend.machine_id, _UNKNOWN)
-        if found is _UNKNOWN:
+        try:
+            return self._targets[backend.machine_id]
+        except KeyError:
             local = self.forwarder.is_local(backend)
             found = (address_text(backend.address), backend.port) if local else None
             self._targets[backend.machine_id] = found
-        return cast(tuple[str, int] | None, found)
+            return found
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -136,10 +136,9 @@ class Forwarder:
         self.counters = counters
 
     # -- concurrency slots -----------------------------------------------------
-    async def _acquire(self, app: str, tables: list[ServiceTable]) -> Backend | None:
-        backend = self.admission.try_acquire(app, tables)
-        if backend is not None:
-            return backend
+    async def _wait_for_slot(self, app: str, tables: list[ServiceTable]) -> Backend | None:
+        """Queue for a slot (try_acquire found none); None when the queue is full or
+        the wait times out."""
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         try:
             self.admission.enqueue(app, future, tables)
@@ -301,26 +300,24 @@ class Forwarder:
     async def _slot(
         self, table: ServiceTable, tables: list[ServiceTable], leases: ConnectionLeases
     ) -> Backend | None:
-        if table.concurrency_type != "connections":
-            return await self._acquire(table.app, tables)
-        held = leases.by_app.get(table.app)
-        if held is not None and any(held in tier for t in tables for tier in t.tiers):
-            return held  # this connection already counts against that machine
-        backend = await self._acquire(table.app, tables)
+        backend = self.try_slot(table, tables, leases)
         if backend is not None:
-            self._lease(table.app, backend, held, leases)
+            return backend
+        backend = await self._wait_for_slot(table.app, tables)
+        if backend is not None and table.concurrency_type == "connections":
+            self._lease(table.app, backend, leases.by_app.get(table.app), leases)
         return backend
 
     def try_slot(
         self, table: ServiceTable, tables: list[ServiceTable], leases: ConnectionLeases
     ) -> Backend | None:
-        """``_slot`` without waiting: a machine with a slot taken, or None when the
-        request would have to queue (the fast lane then hands it to the general path)."""
+        """A machine with a slot taken now, or None when the request must queue (the
+        general path then waits; the fast lane hands the request to it)."""
         if table.concurrency_type != "connections":
             return self.admission.try_acquire(table.app, tables)
         held = leases.by_app.get(table.app)
         if held is not None and any(held in tier for t in tables for tier in t.tiers):
-            return held
+            return held  # this connection already counts against that machine
         backend = self.admission.try_acquire(table.app, tables)
         if backend is not None:
             self._lease(table.app, backend, held, leases)

@@ -181,7 +181,6 @@ class HttpProxy:
             ),
             self._forwarder,
             lambda: self._routes,
-            self._counters,
             self._cpu,
         )
         self._edge_servers: dict[tuple[str, int], asyncio.Server] = {}
