@@ -226,9 +226,12 @@ class RawMachine:
         self.connections += 1
         answered = 0
         try:
-            while await reader.readuntil(b"\r\n\r\n"):
+            while head := await reader.readuntil(b"\r\n\r\n"):
                 if self.per_connection and answered == self.per_connection:
                     break
+                length = _content_length(head)
+                if length:
+                    await reader.readexactly(length)  # a request body: read, dropped
                 writer.write(self.answer)
                 await writer.drain()
                 answered += 1
@@ -238,6 +241,13 @@ class RawMachine:
             pass
         finally:
             writer.close()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
 
 
 def test_chunked_and_close_delimited_responses_are_reframed_for_the_client() -> None:

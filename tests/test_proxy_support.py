@@ -110,6 +110,7 @@ class Machine:
                 digest.update(event.data)
                 size += len(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                seen["trailers"] = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
                 break
         seen["body_size"], seen["body_sha256"] = size, digest.hexdigest()
         if self.delay:

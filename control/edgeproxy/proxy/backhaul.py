@@ -19,21 +19,23 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from h2.errors import ErrorCodes
 
 from edgeproxy.proxy import headers as h
-from edgeproxy.proxy.bodies import BodyReader, ReplayableBody, read_ready
+from edgeproxy.proxy.bodies import BodyReader, ReplayableBody, read_ready, trailers_of
 from edgeproxy.proxy.cpushare import CpuMeter
 from edgeproxy.proxy.h2session import H2Session, H2Stream, StreamReset
 from edgeproxy.proxy.machines import MachinePool, MachineRequest
+from edgeproxy.proxy.responses import forwarded_informational
 from edgeproxy.proxy.routes import RouteMap
 from edgeproxy.proxy.upstream import (
     ClientBodyError,
     ConnectFailed,
     Headers,
+    Informational,
     UpstreamError,
     UpstreamReset,
     UpstreamResponse,
@@ -66,6 +68,7 @@ class BackhaulRequest:
     headers: Headers  # forwarded headers, no host, no hop-by-hop
     body: ReplayableBody | None
     websocket: bool = False
+    informational: Informational | None = None  # the response's 1xx go here
 
 
 class _Link:
@@ -238,6 +241,7 @@ class BackhaulClient:
                 _request_headers(backend, request),
                 # A tunnel stays open for the client's bytes; otherwise no body, no DATA.
                 end_stream=request.body is None and not request.websocket,
+                informational=_from_h2_informational(request.informational),
             )
         except StreamReset as exc:
             release()
@@ -285,6 +289,29 @@ class BackhaulClient:
         return UpstreamResponse(status, b"", headers, body, None, finish)
 
 
+def _from_h2_informational(
+    informational: Informational | None,
+) -> Callable[[Headers], None] | None:
+    """The worker relays a machine's 1xx as an informational HEADERS frame; this turns
+    one back into (status, reason, fields) for the edge's client."""
+    if informational is None:
+        return None
+
+    def relay(raw: Headers) -> None:
+        status = 0
+        fields: Headers = []
+        for name, value in raw:
+            if name == b":status":
+                status = int(value) if value.isdigit() else 0
+            elif not name.startswith(b":"):
+                fields.append((name, value))
+        # The worker's parser already bounded and filtered them; check the range anyway.
+        if 100 <= status < 200 and forwarded_informational(status):
+            informational(status, b"", fields)
+
+    return relay
+
+
 def _request_headers(backend: Backend, request: BackhaulRequest) -> Headers:
     pseudo: Headers = [
         (b":method", b"CONNECT" if request.websocket else request.method),
@@ -307,7 +334,12 @@ async def _upload(stream: H2Stream, body: ReplayableBody | None) -> None:
     cursor = body.cursor()
     while chunk := await cursor.read():
         await stream.write(chunk)
-    stream.end()
+    received = trailers_of(cursor)
+    trailers = h.forwardable_request_trailers(received) if received else None
+    if trailers:  # the client's trailer fields: a trailing HEADERS frame ends the stream
+        stream.send_headers(trailers, end_stream=True)
+    else:
+        stream.end()
 
 
 def _cancel(upload: asyncio.Future[None] | None) -> None:
@@ -361,6 +393,9 @@ class _StreamBody:
             return self._stream.read_ready()
         except StreamReset:
             return None  # read() raises it
+
+    def trailers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self._stream.trailers
 
 
 class StreamTunnel:
@@ -429,6 +464,13 @@ async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
     ]
     has_body = not websocket and not stream.ended_with_headers
     body = ReplayableBody(_StreamReader(stream), limit=64 * 1024) if has_body else None
+
+    def informational(status: int, reason: bytes, headers: Headers) -> None:
+        # The machine's 1xx travels on as an informational HEADERS frame (no
+        # END_STREAM); the edge decides whether its client gets it.
+        with contextlib.suppress(StreamReset):
+            stream.send_headers(status_fields(status, h.strip_hop_by_hop(headers)))
+
     request = MachineRequest(
         method=method,
         target=pseudo.get(b":path", b"/"),
@@ -436,6 +478,7 @@ async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
         body=body,
         content_length=int(content_length) if content_length is not None else None,
         websocket=websocket,
+        informational=informational,
     )
     try:
         response = await ctx.machines.exchange(
@@ -480,29 +523,38 @@ def _local_backend(ctx: WorkerContext, target: bytes) -> Backend | None:
 async def _relay_response(
     stream: H2Stream, response: UpstreamResponse, method: bytes, websocket: bool, ctx: WorkerContext
 ) -> None:
-    headers = [(n.lower(), v) for n, v in h.strip_hop_by_hop(response.headers)]
+    headers = h.strip_hop_by_hop(response.headers)
     if response.tunnel is not None:
-        stream.send_headers([(b":status", b"200"), *headers])
+        stream.send_headers(status_fields(200, headers))
         await splice(StreamTunnel(stream), response.tunnel, ctx.tunnel_idle_timeout)
         return
     no_body = method == b"HEAD" or response.status in _NO_BODY_STATUSES or response.status < 200
-    status = [(b":status", b"%d" % response.status)]
     if no_body:
-        stream.send_headers([*status, *headers], end_stream=True)
+        stream.send_headers(status_fields(response.status, headers), end_stream=True)
         return
-    await send_body(stream, [*status, *headers], response.body)
+    await send_body(stream, status_fields(response.status, headers), response.body)
+
+
+def status_fields(status: int, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """An HTTP/2 response header block (final or interim) from already-stripped fields."""
+    return [(b":status", b"%d" % status), *[(n.lower(), v) for n, v in headers]]
 
 
 async def send_body(stream: H2Stream, headers: Headers, body: BodyReader) -> None:
-    """HEADERS, then the body; a body already buffered whole leaves in the same
-    batch with END_STREAM on its one DATA frame (or on HEADERS when empty)."""
+    """HEADERS, then the body, then the body's trailer fields (if any, after
+    ``forwardable_trailers``) as a trailing HEADERS frame with END_STREAM; a body
+    already buffered whole leaves in the same batch with END_STREAM on its one DATA
+    frame (or on HEADERS when empty)."""
     first = read_ready(body)
     if first is not None:
         second = read_ready(body) if first else b""
         if second == b"":
-            stream.send_headers(headers, end_stream=not first)
+            trailers = _trailers(body)
+            stream.send_headers(headers, end_stream=not first and not trailers)
             if first:
-                await stream.write(first, end=True)
+                await stream.write(first, end=not trailers)
+            if trailers:
+                stream.send_headers(trailers, end_stream=True)
             return
         stream.send_headers(headers)
         await stream.write(first)
@@ -512,7 +564,17 @@ async def send_body(stream: H2Stream, headers: Headers, body: BodyReader) -> Non
         stream.send_headers(headers)
     while chunk := await body.read():
         await stream.write(chunk)
-    stream.end()
+    trailers = _trailers(body)
+    if trailers:
+        stream.send_headers(trailers, end_stream=True)
+    else:
+        stream.end()
+
+
+def _trailers(body: BodyReader) -> Headers | None:
+    """The body's trailer fields to send on, None when there are none (no list)."""
+    received = trailers_of(body)
+    return (h.forwardable_trailers(received) or None) if received else None
 
 
 def _answer_error(stream: H2Stream, status: int, kind: bytes) -> None:
@@ -539,3 +601,6 @@ class _StreamReader:
             return await self._stream.read()
         except StreamReset as exc:
             raise ClientBodyError(400, "backhaul stream reset") from exc
+
+    def trailers(self) -> Headers:
+        return self._stream.trailers

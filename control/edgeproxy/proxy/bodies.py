@@ -6,6 +6,7 @@ consumer, so backpressure reaches the sender through sockets and HTTP/2 windows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 # Request bodies up to this size are kept so the request can be retried or replayed.
@@ -26,6 +27,14 @@ def read_ready(body: BodyReader) -> bytes | None:
     write with its head instead of a write per piece."""
     method = getattr(body, "read_ready", None)
     return method() if method is not None else None
+
+
+def trailers_of(body: BodyReader) -> Sequence[tuple[bytes, bytes]]:
+    """The trailer fields that came at the end of ``body`` (read to its end), as
+    received: readers that can carry them (a machine's chunked response, an HTTP/2
+    stream) define ``trailers()``; every other body has none."""
+    method = getattr(body, "trailers", None)
+    return method() if method is not None else ()
 
 
 class EmptyBody:
@@ -66,6 +75,10 @@ class ReplayableBody:
     @property
     def bytes_read(self) -> int:
         return self._recorded_size
+
+    def trailers(self) -> Sequence[tuple[bytes, bytes]]:
+        """The source's trailer fields, once it ended (kept for a replay too)."""
+        return trailers_of(self._source) if self._ended else ()
 
     def cursor(self) -> BodyReader:
         """A reader from the start; invalidates earlier cursors."""
@@ -108,3 +121,6 @@ class _Cursor:
         if chunk and not body._overflowed:
             self._index = len(body._recorded)
         return chunk
+
+    def trailers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self._body.trailers()

@@ -50,7 +50,13 @@ from edgeproxy.proxy.framing import (
     check_incomplete_head,
     parse_head,
 )
-from edgeproxy.proxy.frontend_h1 import ClientTimeouts, H1Connection, head_bytes, response_framing
+from edgeproxy.proxy.frontend_h1 import (
+    ClientTimeouts,
+    H1Connection,
+    head_bytes,
+    response_end_chunk,
+    response_framing,
+)
 from edgeproxy.proxy.frontend_h2 import PREFACE, H2ClientConnection
 from edgeproxy.proxy.machines import MachineRequest, UnsendableRequest, serialize_head
 from edgeproxy.proxy.responses import (
@@ -60,6 +66,7 @@ from edgeproxy.proxy.responses import (
     ResponseError,
     ResponseHead,
     ResponseParser,
+    forwarded_informational,
 )
 from edgeproxy.proxy.routes import RouteMap
 from edgeproxy.proxy.targeting import candidate_tables, parse_replay, parse_routing_hints
@@ -598,17 +605,16 @@ class _Exchange:
                     data = event.data
                     out.append(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
                 elif isinstance(event, ResponseHead):
-                    if event.status == 101:
-                        raise ResponseError("101 to a request that asked for no upgrade")
-                    if event.status < 200:
-                        continue  # 1xx: the final response follows
-                    if self._replay(event):
+                    if event.status < 200:  # the only test a plain response pays
+                        self._interim(event, out)
+                        continue  # the final response follows
+                    if self._replay(event, out):
                         return
                     out.append(self._response_head(event))
                 else:
                     assert event is END
                     if self.chunked:
-                        out.append(b"0\r\n\r\n")
+                        out.append(response_end_chunk(parser.trailers))
                     client.write(b"".join(out))
                     self._finish(parser)
                     return
@@ -630,12 +636,24 @@ class _Exchange:
         self.replied = True
         return head_bytes(event.status, event.reason, framing.headers)
 
-    def _replay(self, event: ResponseHead) -> bool:
-        """The machine asked for the request elsewhere: hand it to the general path."""
+    def _interim(self, event: ResponseHead, out: list[bytes]) -> None:
+        """A 1xx before the final head: passed on to an HTTP/1.1 client with the same
+        header stripping as a final head (the parser bounds how many may come)."""
+        if event.status == 101:
+            raise ResponseError("101 to a request that asked for no upgrade")
+        if forwarded_informational(event.status) and self.head.http_version == b"1.1":
+            fields = h.client_response_headers(event.headers, self.request_id)
+            out.append(head_bytes(event.status, event.reason, fields))
+
+    def _replay(self, event: ResponseHead, out: list[bytes]) -> bool:
+        """The machine asked for the request elsewhere: hand it to the general path
+        (after the 1xx it sent, which the general path would have passed on too)."""
         value = h.header_value(event.headers, h.REPLAY)
         directive = parse_replay(value) if value is not None else None
         if directive is None:
             return False
+        if out:
+            self.client.write(b"".join(out))
         self._release_upstream(reusable=False)
         self._handover(PriorAttempt(self.backend.machine_id, directive))
         return True

@@ -30,6 +30,7 @@ from edgeproxy.proxy.upstream import (
     ClientBodyError,
     ConnectFailed,
     Headers,
+    Informational,
     Tunnel,
     UpstreamReset,
     UpstreamResponse,
@@ -63,6 +64,9 @@ class ProxyRequest:
     content_length: int | None = None
     websocket: bool = False
     prior: PriorAttempt | None = None
+    # Sends an interim (1xx) response to the client, already stripped like a final
+    # head; None when the client must not get one (HTTP/1.0).
+    informational: Informational | None = None
 
 
 @dataclass(slots=True)
@@ -222,6 +226,7 @@ class Forwarder:
             request.headers, request.client, self.settings.region, request_id
         )
         body = ReplayableBody(request.body) if request.body is not None else None
+        informational = _informational_to_client(request.informational, request_id)
         exclude: frozenset[str] = frozenset()
         replayed = False
         attempts = 0
@@ -248,7 +253,9 @@ class Forwarder:
                 return error_response(503, request_id, "app over capacity", retry_after=1)
             attempts += 1
             try:
-                upstream = await self._send(backend, table, request, fwd_headers, body)
+                upstream = await self._send(
+                    backend, table, request, fwd_headers, body, informational
+                )
             except ConnectFailed as exc:
                 retry = True
                 last_error = f"cannot connect: {exc}"
@@ -355,6 +362,7 @@ class Forwarder:
         request: ProxyRequest,
         fwd_headers: Headers,
         body: ReplayableBody | None,
+        informational: Informational | None,
     ) -> UpstreamResponse:
         timeout = self.settings.response_timeout
         if self.is_local(backend):
@@ -366,6 +374,7 @@ class Forwarder:
                 body,
                 request.content_length,
                 request.websocket,
+                informational,
             )
             return await self.machines.exchange(
                 address_text(backend.address), backend.port, machine_request, timeout
@@ -379,6 +388,7 @@ class Forwarder:
             headers=[*fwd_headers, *_length_header(request)],
             body=body,
             websocket=request.websocket,
+            informational=informational,
         )
         return await self.backhaul.exchange(backend, backhaul_request, timeout)
 
@@ -417,6 +427,20 @@ def address_text(address: object) -> str:
             _ADDRESS_TEXT.clear()
         text = _ADDRESS_TEXT[address] = str(address)
     return text
+
+
+def _informational_to_client(
+    send: Informational | None, request_id: bytes
+) -> Informational | None:
+    """A machine's 1xx as its client gets it: the fields stripped exactly as a final
+    response's are (``client_response_headers``), then handed to the frontend."""
+    if send is None:
+        return None
+
+    def relay(status: int, reason: bytes, headers: Headers) -> None:
+        send(status, reason, h.client_response_headers(headers, request_id))
+
+    return relay
 
 
 def _machines_behind(table: ServiceTable, worker: str) -> frozenset[str]:

@@ -238,6 +238,9 @@ class RequestParser:
     # head | length | chunk_size | chunk_data | chunk_crlf | trailers | done_pending | done
     _state: str = "head"
     _remaining: int = 0
+    # The trailer fields of the current request's chunked body (names lower-case),
+    # once EndOfMessage was returned; the edge passes them on (headers.py rules).
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -246,6 +249,7 @@ class RequestParser:
         if self._state != "done":
             raise RuntimeError("next_request() before the current request ended")
         self._state = "head"
+        self.trailers = ()
 
     @property
     def in_head(self) -> bool:
@@ -372,7 +376,7 @@ class RequestParser:
         return self._read_chunk_size()
 
     def _read_trailers(self) -> EndOfMessage | NeedData:
-        # Trailers are validated like headers, then dropped: we re-frame the body.
+        # Trailers are validated like headers and kept; the body is re-framed.
         if self.buffer.startswith(b"\r\n"):
             del self.buffer[:2]
             self._state = "done"
@@ -386,6 +390,6 @@ class RequestParser:
             raise HttpError(431, "trailers too large")
         trailer_bytes = bytes(self.buffer[:end])
         del self.buffer[: end + 4]
-        parse_header_lines(_split_head_lines(trailer_bytes))
+        self.trailers = tuple(parse_header_lines(_split_head_lines(trailer_bytes)))
         self._state = "done"
         return EndOfMessage()

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
 from edgeproxy.proxy import headers as h
-from edgeproxy.proxy.bodies import read_ready
+from edgeproxy.proxy.bodies import read_ready, trailers_of
 from edgeproxy.proxy.forward import (
     ConnectionLeases,
     Forwarder,
@@ -74,6 +75,10 @@ class _ClientBody:
                 raise self.error
             self._parser.feed(data)
         return b""
+
+    def trailers(self) -> Sequence[tuple[bytes, bytes]]:
+        """The client's trailer fields, once the body was read to its end."""
+        return self._parser.trailers if self.ended else ()
 
 
 def is_websocket_upgrade(head: RequestHead) -> bool:
@@ -216,6 +221,8 @@ class H1Connection:
             content_length=head.content_length,
             websocket=websocket,
             prior=prior,
+            # RFC 9110 15.2: no 1xx to an HTTP/1.0 client.
+            informational=self._informational if head.http_version == b"1.1" else None,
         )
         response = await self.forwarder.handle(request, self.leases)
         try:
@@ -230,6 +237,12 @@ class H1Connection:
                 False  # part of the body is still unread: its bytes cannot be trusted as a request
             )
         return keep
+
+    def _informational(self, status: int, reason: bytes, headers: h.Headers) -> None:
+        """A machine's 1xx, passed on before the final head (which follows it on the
+        same writer, so the order holds); small and bounded in number: no drain."""
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            self.writer.write(head_bytes(status, reason, headers))
 
     async def _first_chunk(self) -> None:
         """Wait (bounded) for the first chunk header, so a malformed chunked body sent
@@ -282,7 +295,7 @@ class H1Connection:
                         await self._stream_body(response, chunked)
                         return keep
                 if chunked:
-                    out += b"0\r\n\r\n"
+                    out += response_end_chunk(trailers_of(response.body))
                 self.writer.write(out)
             else:
                 self.writer.write(out)
@@ -298,7 +311,7 @@ class H1Connection:
             self.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             await self.writer.drain()
         if chunked:
-            self.writer.write(b"0\r\n\r\n")
+            self.writer.write(response_end_chunk(trailers_of(response.body)))
         await self.writer.drain()
 
     async def _tunnel(self, response: ProxyResponse) -> None:
@@ -353,6 +366,14 @@ def response_framing(
     elif head.http_version == b"1.0":
         out.append((b"connection", b"keep-alive"))
     return ResponseFraming(out, no_body, chunked, keep)
+
+
+def response_end_chunk(trailers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The end of a chunked body, carrying the machine's trailer fields after
+    ``forwardable_trailers``. Only a chunked response can carry them: to a client
+    that gets Content-Length (or close-delimited, HTTP/1.0) framing they are dropped,
+    as RFC 9110 6.5.1 allows a recipient to."""
+    return h.last_chunk(h.forwardable_trailers(trailers)) if trailers else b"0\r\n\r\n"
 
 
 def head_bytes(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

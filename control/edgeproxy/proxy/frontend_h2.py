@@ -8,10 +8,11 @@ import contextlib
 import re
 import secrets
 
+import h2.exceptions
 from h2.errors import ErrorCodes
 
 from edgeproxy.proxy import headers as h
-from edgeproxy.proxy.backhaul import StreamTunnel, send_body
+from edgeproxy.proxy.backhaul import StreamTunnel, send_body, status_fields
 from edgeproxy.proxy.forward import (
     ConnectionLeases,
     Forwarder,
@@ -22,7 +23,7 @@ from edgeproxy.proxy.forward import (
 from edgeproxy.proxy.frontend_h1 import ClientTimeouts
 from edgeproxy.proxy.h2session import H2Session, H2Stream, Headers, StreamReset
 from edgeproxy.proxy.streams import ByteReader, ByteWriter
-from edgeproxy.proxy.upstream import ClientBodyError, UpstreamError, splice
+from edgeproxy.proxy.upstream import ClientBodyError, Informational, UpstreamError, splice
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -40,6 +41,10 @@ class _StreamBody:
             raise ClientBodyError(408, "request body timed out") from exc
         except StreamReset as exc:
             raise ClientBodyError(400, "client reset the stream") from exc
+
+    def trailers(self) -> Headers:
+        """The client's trailing HEADERS, once the body was read to its end."""
+        return self._stream.trailers
 
 
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
@@ -119,6 +124,17 @@ def normalize_authority(value: bytes) -> bytes:
     if not sep or b"]" in port:  # no port (or an IPv6 literal without one)
         host, port = value.strip().lower(), b""
     return host.rstrip(b".") + (b":" + port if port else b"")
+
+
+def _informational(stream: H2Stream) -> Informational:
+    """A machine's 1xx on the client's stream: an informational HEADERS frame (no
+    END_STREAM) before the final one."""
+
+    def send(status: int, reason: bytes, headers: Headers) -> None:
+        with contextlib.suppress(StreamReset, h2.exceptions.ProtocolError):
+            stream.send_headers(status_fields(status, headers))
+
+    return send
 
 
 class H2ClientConnection:
@@ -205,6 +221,7 @@ class H2ClientConnection:
             else _StreamBody(stream, self.timeouts.body),
             content_length=int(length) if length is not None and length.isdigit() else None,
             websocket=websocket,
+            informational=None if websocket else _informational(stream),
         )
         response = await self.forwarder.handle(request, self.leases)
         if websocket and response.tunnel is not None and response.status == 101:
@@ -212,8 +229,7 @@ class H2ClientConnection:
             return
         try:
             no_body = method == b"HEAD" or response.status in _NO_BODY_STATUSES
-            out = [(b":status", b"%d" % response.status)]
-            out += [(n.lower(), v) for n, v in response.headers]
+            out = status_fields(response.status, response.headers)
             if no_body:
                 stream.send_headers(out, end_stream=True)
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections import deque
@@ -30,6 +31,9 @@ from edgeproxy.proxy.streams import ByteReader, ByteWriter
 
 Headers = list[tuple[bytes, bytes]]
 READ_SIZE = 64 * 1024
+_NO_TRAILERS: Headers = []  # never mutated: a stream without trailers shares it
+
+log = logging.getLogger(__name__)
 
 
 class StreamReset(Exception):
@@ -74,6 +78,9 @@ class H2Stream:
         self._error: StreamReset | None = None
         self._unacked = 0
         self.ended_with_headers = False  # a request/response without a body
+        # Client side: called with each interim (1xx) header block as it arrives.
+        self.on_informational: Callable[[Headers], None] | None = None
+        self.trailers = _NO_TRAILERS  # the peer's trailing HEADERS, once received
 
     # -- reading -------------------------------------------------------------
     async def read(self) -> bytes:
@@ -356,8 +363,14 @@ class H2Session:
     def open_streams(self) -> int:
         return len(self._streams)
 
-    async def open_stream(self, headers: Headers, end_stream: bool) -> H2Stream:
-        """Client side: start a request; waits while the peer's stream limit is reached."""
+    async def open_stream(
+        self,
+        headers: Headers,
+        end_stream: bool,
+        informational: Callable[[Headers], None] | None = None,
+    ) -> H2Stream:
+        """Client side: start a request; waits while the peer's stream limit is reached.
+        ``informational`` gets the response's interim (1xx) header blocks."""
         while True:
             if self.draining:
                 raise StreamReset("connection draining")
@@ -370,6 +383,7 @@ class H2Session:
             await self._stream_slot.wait()
         stream_id = self.conn.get_next_available_stream_id()
         stream = H2Stream(self, stream_id)
+        stream.on_informational = informational
         self._streams[stream_id] = stream
         try:
             stream.send_headers(headers, end_stream=end_stream)
@@ -411,8 +425,17 @@ class H2Session:
                 stream._on_remote_end()
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self._streams.get(event.stream_id or 0)
-            if stream is not None and event.stream_ended is not None:
-                stream._on_remote_end()
+            if stream is not None:
+                stream.trailers = list(event.headers or [])
+                if event.stream_ended is not None:
+                    stream._on_remote_end()
+        elif isinstance(event, h2.events.InformationalResponseReceived):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None and stream.on_informational is not None:
+                try:
+                    stream.on_informational(list(event.headers or []))
+                except Exception:  # a consumer's bug must not end the shared connection
+                    log.exception("interim response handler failed")
         elif isinstance(event, h2.events.StreamReset):
             stream = self._streams.get(event.stream_id or 0)
             if stream is not None:

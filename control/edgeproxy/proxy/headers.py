@@ -130,13 +130,62 @@ def strip_internal(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
 
 
 def client_response_headers(headers: Sequence[tuple[bytes, bytes]], request_id: bytes) -> Headers:
-    """The header list a client receives: no hop-by-hop, no proxy directives, our id."""
+    """The header list a client receives: no hop-by-hop, no proxy directives, our id.
+    The same for a final response and for an interim (1xx) one."""
     kept = []
     for field in strip_hop_by_hop(headers):
         if field[0] not in _PROXY_DIRECTIVES:
             kept.append(field)
     kept.append((REQUEST_ID, request_id))
     return kept
+
+
+def forwardable_trailers(trailers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """The trailer fields passed on (to a client, or from a worker to the edge): the
+    same stripping as a response head, and none of the fields RFC 9110 6.5.1 says a
+    trailer must not carry (framing, routing, content handling, authentication)."""
+    kept = []
+    for field in client_response_headers(trailers, b""):
+        if field[0] not in _NOT_IN_TRAILERS and field[0][:1] != b":":
+            kept.append(field)
+    return kept
+
+
+def forwardable_request_trailers(trailers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """A client's trailer fields as a machine gets them: the response rules, and no
+    field in our namespace (a client may not forge one in trailers either)."""
+    kept = []
+    for field in forwardable_trailers(trailers):
+        if not field[0].startswith(OWN_PREFIX):
+            kept.append(field)
+    return kept
+
+
+def last_chunk(fields: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The end of a chunked HTTP/1.1 body carrying ``fields`` (already filtered) as
+    its trailer section."""
+    if not fields:
+        return b"0\r\n\r\n"
+    lines = [name + b": " + value + b"\r\n" for name, value in fields]
+    return b"".join([b"0\r\n", *lines, b"\r\n"])
+
+
+_NOT_IN_TRAILERS = frozenset(
+    {
+        b"content-length",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"host",
+        b"authorization",
+        b"www-authenticate",
+        b"set-cookie",
+        b"cache-control",
+        b"expect",
+        b"max-forwards",
+        REQUEST_ID,  # ours goes in the head (client_response_headers adds one: dropped)
+    }
+)
 
 
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -12,22 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeproxy.proxy.bodies import BodyReader, ReplayableBody
+from edgeproxy.proxy import headers as h
+from edgeproxy.proxy.bodies import BodyReader, ReplayableBody, trailers_of
 from edgeproxy.proxy.responses import (
     END,
     NEED_DATA,
+    NO_TRAILERS,
     Data,
     ResponseError,
     ResponseHead,
     ResponseParser,
+    forwarded_informational,
 )
 from edgeproxy.proxy.upstream import (
     ClientBodyError,
     ConnectFailed,
     Headers,
+    Informational,
     SocketTunnel,
     UpstreamReset,
     UpstreamResponse,
@@ -45,6 +50,8 @@ class MachineRequest:
     body: ReplayableBody | None  # None: the request has no body
     content_length: int | None = None
     websocket: bool = False
+    # Where the machine's interim (1xx) responses go (None: dropped, e.g. HTTP/1.0).
+    informational: Informational | None = None
 
 
 @dataclass(slots=True)
@@ -194,7 +201,7 @@ class MachinePool:
             )
         try:
             async with asyncio.timeout(response_timeout):
-                response = await self._read_head(conn, upload)
+                response = await self._read_head(conn, upload, request.informational)
         except TimeoutError as exc:
             await _cancel(upload)
             conn.writer.close()
@@ -219,7 +226,12 @@ class MachinePool:
             reader.finish,
         )
 
-    async def _read_head(self, conn: _Conn, upload: asyncio.Future[None] | None) -> ResponseHead:
+    async def _read_head(
+        self,
+        conn: _Conn,
+        upload: asyncio.Future[None] | None,
+        informational: Informational | None,
+    ) -> ResponseHead:
         received_any = False
         parser = conn.parser
         while True:
@@ -241,8 +253,13 @@ class MachinePool:
                 parser.feed(data)
                 continue
             if isinstance(event, ResponseHead):
-                if event.status < 200 and event.status != 101:
-                    continue  # 100 Continue etc.: the edge already answered the client
+                status = event.status
+                if status < 200 and status != 101:
+                    # Interim: passed on as it comes (the parser bounds how many);
+                    # the final head follows.
+                    if informational is not None and forwarded_informational(status):
+                        informational(status, event.reason, event.headers)
+                    continue
                 return event
             raise UpstreamReset(f"unexpected event {event!r}")
 
@@ -286,7 +303,10 @@ async def _upload(
         writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
         await writer.drain()
     if chunked:
-        writer.write(b"0\r\n\r\n")
+        # The client's trailer fields ride in the last chunk; with Content-Length
+        # framing toward the machine there is no place for them (dropped, 9110 6.5.1).
+        received = trailers_of(body)
+        writer.write(h.last_chunk(h.forwardable_request_trailers(received) if received else ()))
     elif length is not None and sent != length:
         raise UpstreamReset("request body shorter than its Content-Length")
     await writer.drain()
@@ -319,7 +339,7 @@ class _ResponseBody:
     """Streams the machine's response body; returns the connection to the pool when
     both directions finished cleanly."""
 
-    __slots__ = ("_conn", "_done", "_key", "_pool", "_upload")
+    __slots__ = ("_conn", "_done", "_key", "_pool", "_trailers", "_upload")
 
     def __init__(
         self,
@@ -333,6 +353,11 @@ class _ResponseBody:
         self._conn = conn
         self._upload = upload
         self._done = False
+        self._trailers = NO_TRAILERS
+
+    def trailers(self) -> Sequence[tuple[bytes, bytes]]:
+        """The machine's trailer fields, once the body was read to its end."""
+        return self._trailers
 
     async def read(self) -> bytes:
         conn = self._conn
@@ -354,6 +379,7 @@ class _ResponseBody:
                 return event.data
             if event is END:
                 self._done = True
+                self._trailers = parser.trailers  # before the parser serves another
         return b""
 
     def read_ready(self) -> bytes | None:
@@ -372,6 +398,7 @@ class _ResponseBody:
                 return event.data
             if event is END:
                 self._done = True
+                self._trailers = parser.trailers
                 return b""
 
     async def finish(self) -> None:

@@ -3,7 +3,10 @@
 The machine side is not where smuggling comes from, but framing must be right:
 a response is framed exactly as RFC 9112 6.3 says (HEAD, 1xx, 204 and 304 carry
 no body; chunked; Content-Length; else until the machine closes), and anything
-malformed is an error, which the caller turns into a reset (502). Written for the
+malformed is an error, which the caller turns into a reset (502). Interim (1xx)
+heads are returned before the final one, at most ``MAX_INFORMATIONAL`` per
+response; the trailer fields of a chunked body are parsed like a head's fields
+and kept in ``trailers`` for the caller to forward. Written for the
 hot path: one ``find`` per head, no per-byte Python loops, no copies beyond one
 ``bytes()`` per body chunk.
 """
@@ -11,11 +14,17 @@ hot path: one ``find`` per head, no per-byte Python loops, no copies beyond one
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 1024
 MAX_TRAILERS = 64 * 1024
+# Interim responses allowed before the final one: a machine must not be able to keep
+# a request (and the client) busy with 1xx forever. More is a bad response (502).
+MAX_INFORMATIONAL = 8
+# ``trailers`` when a response had none: shared, so the common case allocates nothing.
+NO_TRAILERS: Sequence[tuple[bytes, bytes]] = ()
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?")
@@ -81,20 +90,35 @@ class ResponseParser:
     body follows). ``keep_alive`` tells whether the connection may carry another.
     """
 
-    __slots__ = ("_method", "_remaining", "_state", "buffer", "eof", "keep_alive")
+    __slots__ = (
+        "_informational",
+        "_method",
+        "_remaining",
+        "_state",
+        "buffer",
+        "eof",
+        "keep_alive",
+        "trailers",
+    )
 
     def __init__(self) -> None:
         self.buffer = bytearray()
         self._state = _DONE
         self._remaining = 0
         self._method = b"GET"
+        self._informational = 0
         self.keep_alive = True
         self.eof = False
+        # The trailer fields of the last chunked body (names lower-case), once END
+        # was returned; NO_TRAILERS otherwise.
+        self.trailers = NO_TRAILERS
 
     def start(self, method: bytes) -> None:
         self._state = _HEAD
         self._method = method
+        self._informational = 0
         self.keep_alive = True
+        self.trailers = NO_TRAILERS
 
     @property
     def done(self) -> bool:
@@ -152,17 +176,9 @@ class ResponseParser:
             raise ResponseError(f"bad status line {status_line[:80]!r}")
         if b"\0" in block:
             raise ResponseError("NUL in response head")
-        if line_end < 0:
-            fields = []
-        else:
-            # One C-level pass over the field lines, each match anchored at a line
-            # start; with every CR and LF part of a CRLF, as many matches as lines
-            # means every line is a whole field (no bare CR/LF, obs-fold, bad name).
-            rest = block[line_end + 2 :] + b"\r\n"
-            fields = _FIELD_LINE.findall(rest)
-            lines = rest.count(b"\r\n")
-            if not (len(fields) == lines == rest.count(b"\n") == rest.count(b"\r")):
-                raise ResponseError("malformed response header section")
+        fields = []
+        if line_end >= 0:
+            fields = _field_lines(block[line_end + 2 :] + b"\r\n", "response header section")
         headers = []
         framing = []
         for name, value in fields:
@@ -182,7 +198,10 @@ class ResponseParser:
             if status == 101:
                 self._state = _DONE  # the connection is a tunnel now
                 self.keep_alive = False
-            # other 1xx: the final response follows; stay in _HEAD
+            else:  # other 1xx: the final response follows; stay in _HEAD
+                self._informational += 1
+                if self._informational > MAX_INFORMATIONAL:
+                    raise ResponseError("too many interim (1xx) responses from machine")
             return head
         if self._method == b"HEAD" or status in (204, 304):
             self._state = _END_PENDING
@@ -278,7 +297,7 @@ class ResponseParser:
                     raise ResponseError("chunk not followed by CRLF")
                 del buf[:2]
                 self._state = _CHUNK_SIZE_S
-            else:  # trailers: dropped (we re-frame the body)
+            else:  # the trailer section: kept in ``trailers`` for the caller
                 if buf[:2] == b"\r\n":
                     del buf[:2]
                     self._state = _DONE
@@ -288,6 +307,39 @@ class ResponseParser:
                     if len(buf) > MAX_TRAILERS:
                         raise ResponseError("trailers too large")
                     return NEED_DATA
+                if end + 4 > MAX_TRAILERS:
+                    raise ResponseError("trailers too large")
+                block = bytes(buf[: end + 2])
                 del buf[: end + 4]
+                if b"\0" in block:
+                    raise ResponseError("NUL in trailers")
+                trailers = []
+                for name, value in _field_lines(block, "trailer section"):
+                    trailers.append((name.lower(), value.rstrip(b" \t")))
+                self.trailers = trailers
                 self._state = _DONE
                 return END
+
+
+def _field_lines(rest: bytes, what: str) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of a field section (each line ending in CRLF), names
+    as sent; ResponseError if any line is not a whole, well-formed field.
+
+    One C-level pass over the field lines, each match anchored at a line start; with
+    every CR and LF part of a CRLF, as many matches as lines means every line is a
+    whole field (no bare CR/LF, obs-fold, bad name)."""
+    fields: list[tuple[bytes, bytes]] = _FIELD_LINE.findall(rest)
+    lines = rest.count(b"\r\n")
+    if not (len(fields) == lines == rest.count(b"\n") == rest.count(b"\r")):
+        raise ResponseError(f"malformed {what}")
+    return fields
+
+
+def forwarded_informational(status: int) -> bool:
+    """Whether a machine's 1xx goes on toward the client (RFC 9110 15.2: a proxy
+    MUST forward 1xx responses unless it asked for them itself).
+
+    Not 100 Continue: the edge answers ``Expect: 100-continue`` itself and strips
+    Expect toward the machine, so a 100 from the machine would be a duplicate. Not
+    101: that is the upgrade, which ends the HTTP exchange (tunnels handle it)."""
+    return status != 100 and status != 101

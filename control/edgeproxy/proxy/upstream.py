@@ -15,6 +15,9 @@ from edgeproxy.proxy.framing import HttpError
 from edgeproxy.proxy.streams import ByteReader, ByteWriter
 
 Headers = list[tuple[bytes, bytes]]
+# Called with each interim (1xx) response to pass on, as it arrives, before the final
+# head: (status, reason, header fields). Must not raise.
+Informational = Callable[[int, bytes, Headers], None]
 
 
 class UpstreamError(Exception):
