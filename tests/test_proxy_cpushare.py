@@ -159,7 +159,11 @@ def test_cpu_budget_bounds_a_flooding_app_and_web_is_served() -> None:
             out, _ = await asyncio.wait_for(proc.communicate(), seconds + 10)
             snap = L.edge.snapshot()
             assert statuses and statuses == [200] * len(statuses)
-            assert snap.cpu_throttled.get("flood", 0) > 0, out.decode()
+            # Throttling was due only if the flood out-ran its budget over the window
+            # (full bucket included); on a busy machine wrk may not drive it that hard.
+            # On an idle one it runs at ~1 core, so this demands a throttle.
+            assert (snap.cpu_throttled.get("flood", 0) > 0
+                    or flood_cpu <= limit * (window + BURST) + 0.05), (flood_cpu, out.decode())
             # The whole process (proxy, in-process machines, this client) stays far
             # below the core an unbounded flood takes (measured ~0.9-1.0 without it).
             assert cpu_share < 0.6, (cpu_share, dict(snap.cpu_seconds))
@@ -204,8 +208,10 @@ def test_cpu_budget_bounds_an_app_flooding_the_fast_lane() -> None:
                 assert snap.responses[("hot", 200)] > 0
                 assert 0 < hot_cpu <= limit * (window + BURST + 1.0) + 0.05, (hot_cpu, window)
                 # Over its budget, the app's requests left the lane to wait their turn
-                # on the general path (nothing else sends these plain GETs there).
-                assert L.edge._lane.general_requests > 0, (hot_cpu, snap.cpu_seconds)
+                # on the general path (nothing else sends these plain GETs there); on a
+                # busy machine wrk may not push it over, and then none had to.
+                assert (L.edge._lane.general_requests > 0
+                        or hot_cpu <= limit * (window + BURST) + 0.05), (hot_cpu, snap.cpu_seconds)
             finally:
                 await hot.stop()
 
