@@ -259,21 +259,10 @@ def test_trailers_reach_an_http11_client_with_hop_by_hop_fields_stripped() -> No
 # --- HTTP/2 clients ---------------------------------------------------------------
 
 
-async def _h2_get(port: int, path: str, extra: list[tuple[bytes, bytes]]) -> list[Any]:
-    """One GET with h2 (prior knowledge); every event of its stream, in order."""
-    reader, writer = await asyncio.open_connection(VIP, port)
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    conn.initiate_connection()
-    request = [
-        (b":method", b"GET"),
-        (b":scheme", b"http"),
-        (b":authority", b"web.test"),
-        (b":path", path.encode()),
-        *extra,
-    ]
-    conn.send_headers(1, request, end_stream=True)
+async def _stream_1_events(conn: h2.connection.H2Connection, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> list[Any]:
+    """Send what ``conn`` has queued, then read until stream 1 ends; its events, in
+    order (its DATA acknowledged as it comes). Closes the connection."""
     writer.write(conn.data_to_send())
     events: list[Any] = []
     try:
@@ -289,6 +278,24 @@ async def _h2_get(port: int, path: str, extra: list[tuple[bytes, bytes]]) -> lis
     finally:
         writer.close()
     return events
+
+
+async def _h2_get(port: int, path: str, extra: list[tuple[bytes, bytes]]) -> list[Any]:
+    """One GET with h2 (prior knowledge); every event of its stream, in order."""
+    reader, writer = await asyncio.open_connection(VIP, port)
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    request = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"web.test"),
+        (b":path", path.encode()),
+        *extra,
+    ]
+    conn.send_headers(1, request, end_stream=True)
+    return await _stream_1_events(conn, reader, writer)
 
 
 @pytest.mark.parametrize("machine", ["web-ord-1", "web-ams-1"])
@@ -455,18 +462,4 @@ async def _h2_post_with_trailers(port: int, machine: str) -> list[Any]:
     conn.send_headers(
         1, [f for f in REQUEST_TRAILERS if f[0] not in (b"connection", b"x-gone")], end_stream=True
     )
-    writer.write(conn.data_to_send())
-    events: list[Any] = []
-    try:
-        while not any(isinstance(e, h2.events.StreamEnded | h2.events.StreamReset) for e in events):
-            data = await asyncio.wait_for(reader.read(65536), 5)
-            assert data, "connection closed"
-            for event in conn.receive_data(data):
-                if getattr(event, "stream_id", None) == 1:
-                    events.append(event)
-                if isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-            writer.write(conn.data_to_send())
-    finally:
-        writer.close()
-    return events
+    return await _stream_1_events(conn, reader, writer)
