@@ -3,7 +3,8 @@
 Routing by Host and region, retries while machines die under load, replay to
 another region, WebSockets across the backhaul, per-app isolation under overload,
 and request smuggling refused at the edge. Traffic comes from the lab's client
-namespace (198.18.0.2 reaches the apps via edge-ord, 198.18.0.3 via edge-ams);
+namespace (198.18.0.2 reaches the apps via edge-ord, 198.18.0.3 via edge-ams; over
+IPv6, fd00::2 and fd00::3 do the same for the HTTP apps' fd00:19::80);
 the lab machines log every request (not health checks) with the request id the
 machine saw, which is how a test proves what did or did not reach a machine.
 """
@@ -30,6 +31,9 @@ from edgelab.rundir import machine_dir
 APP_ADDRESS = "198.19.0.80"
 VIA_ORD = "198.18.0.2"
 VIA_AMS = "198.18.0.3"
+APP_ADDRESS6 = "fd00:19::80"  # the IPv6 twin of APP_ADDRESS (HTTP apps only)
+VIA_ORD6 = "fd00::2"  # the client's default IPv6 source, routed through edge-ord
+VIA_AMS6 = "fd00::3"  # routed through edge-ams (ip -6 rule from fd00::3 lookup 101)
 WEB_ORD = ("web-ord-1", "web-ord-2")
 DAEMON_SOURCE = Path(__file__).resolve().parents[1] / "control" / "edgeproxy" / "daemon.py"
 METRICS_URL = "http://127.0.0.1:9109/metrics"  # each daemon, inside its node's namespace
@@ -359,6 +363,47 @@ def test_web_routes_by_edge_region_and_forced_region(lab: LabHandle,
     head = done.stdout.split("\r\n\r\n")[0].lower()
     assert head.startswith("http/1.1 200") and "x-machine-region: ams" in head, done.stdout
     assert "edgeproxy-request-id: " in head, done.stdout
+
+
+def curl_web(lab: LabHandle, url: str, *options: str,
+             **headers: str) -> tuple[str, dict[str, str], str]:
+    """One GET with curl in the client namespace: (status line, head fields, body)."""
+    args = [a for name, value in {"Host": "web.lab", **headers}.items()
+            for a in ("-H", f"{name}: {value}")]
+    done = lab.exec("client", "curl", "-s", "-i", "--max-time", "10", *options, *args, url)
+    assert done.returncode == 0, f"curl {options} {url}: exit {done.returncode} {done.stderr}"
+    lines = done.stdout.splitlines()  # exec's text mode has already turned CRLF into LF
+    blank = lines.index("")
+    fields = dict(line.split(": ", 1) for line in lines[1:blank])
+    body = "\n".join(lines[blank + 1:])
+    return lines[0], {name.lower(): value for name, value in fields.items()}, body
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_ipv6_client_reaches_web_through_each_edge(lab: LabHandle,
+                                                   web_machines_running: None) -> None:
+    # (extra curl options, the source the machine must see, machine and edge region).
+    # No --interface: the client's main table picks fd00::2 and edge-ord by itself.
+    cases = [((), VIA_ORD6, "ord"), (("--interface", VIA_AMS6), VIA_AMS6, "ams")]
+    for options, source, region in cases:
+        for _ in range(4):
+            status, head, body = curl_web(
+                lab, f"http://[{APP_ADDRESS6}]/v6", "-6", *options,
+                **{"X-Lab-Echo-Headers": "1", "Edgeproxy-Client-Ip": "6.6.6.6"})
+            where = f"{options}: {status} {head}"
+            assert status.startswith("HTTP/1.1 200"), where
+            assert head["x-machine-region"] == region, where
+            assert head["x-machine-id"].startswith(f"web-{region}-"), where
+            request_id = head.get("edgeproxy-request-id", "")
+            assert re.fullmatch(r"[0-9a-f]{32}", request_id), where
+            seen: dict[str, list[str]] = {}
+            for name, value in json.loads(body):
+                seen.setdefault(name.lower(), []).append(value)
+            assert seen["x-forwarded-for"] == [source], seen
+            assert seen["edgeproxy-client-ip"] == [source], seen  # the forged one is gone
+            assert seen["edgeproxy-edge-region"] == [region], seen
+            assert seen["edgeproxy-request-id"] == [request_id], seen
 
 
 @pytest.mark.root

@@ -198,19 +198,28 @@ class Builder:
             netns.set_sysctls(node.namespace,
                               netns.routing_sysctls(node.forwards, [e.ifname for e in ends]))
             commands = netns.address_commands("lo", [
-                *(f"{a}/32" for a in node.host_addresses),
-                *(f"{a}/32" for a in node.local_app_addresses),
+                netns.host_prefix(a)
+                for a in (*node.host_addresses, *node.host_addresses6,
+                          *node.local_app_addresses)
             ])
             for end in ends:
-                prefix = self.topo.link_between(end.node, end.peer).subnet.prefixlen
-                commands.append(f"address add {end.address}/{prefix} dev {end.ifname}")
+                link = self.topo.link_between(end.node, end.peer)
+                commands.append(f"address add {end.address}/{link.subnet.prefixlen} "
+                                f"dev {end.ifname}")
+                if end.address6 is not None and link.subnet6 is not None:
+                    commands.append(f"address add {end.address6}/{link.subnet6.prefixlen} "
+                                    f"dev {end.ifname} nodad")
                 commands.append(f"link set {end.ifname} up")
             netns.batch(node.namespace, commands)
         for node in self.topo.nodes:
+            rules = self.topo.rules.get(node.name, ())
+            rules6 = [r for r in rules if ":" in r.source]
             netns.batch(node.namespace, [
-                *netns.rule_commands(self.topo.rules.get(node.name, ())),
+                *netns.rule_commands(r for r in rules if r not in rules6),
                 *netns.route_commands(self.topo.routes.get(node.name, ())),
             ])
+            # `ip rule` takes its family from -6, not from the address (`ip route` does).
+            netns.batch(node.namespace, netns.rule_commands(rules6), ipv6=True)
 
     def machines(self) -> list[Pending]:
         pending = []

@@ -61,6 +61,10 @@ def routing_sysctls(forwards: bool, interfaces: Iterable[str]) -> dict[str, str]
     }
     settings.update({f"net.ipv4.conf.{name}.rp_filter": "0" for name in interfaces})
     settings["net.ipv4.ip_forward"] = "1" if forwards else "0"
+    # No DAD on the links, also for the kernel's own link-local addresses: neighbour
+    # discovery needs a usable link-local source, and a point-to-point veth has no
+    # duplicate to find (the lab's own IPv6 addresses are added `nodad`).
+    settings.update({f"net.ipv6.conf.{name}.accept_dad": "0" for name in interfaces})
     return settings
 
 
@@ -72,15 +76,23 @@ def create_veth(ns_a: str, if_a: str, ns_b: str, if_b: str, mtu: int) -> None:
     ])
 
 
-def batch(namespace: str, commands: Iterable[str]) -> None:
+def batch(namespace: str, commands: Iterable[str], ipv6: bool = False) -> None:
     lines = "\n".join(commands)
     if lines:
-        run(["ip", "-n", namespace, "-batch", "-"], stdin=lines + "\n")
+        family = ["-6"] if ipv6 else []
+        run(["ip", "-n", namespace, *family, "-batch", "-"], stdin=lines + "\n")
+
+
+def host_prefix(address: str) -> str:
+    """`198.18.0.2` -> `198.18.0.2/32`, `fd00::2` -> `fd00::2/128`."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
 
 
 def address_commands(dev: str, addresses: Iterable[str]) -> list[str]:
-    # replace, not add: idempotent, so a machine restarted by `sync` can reuse its address
-    return [f"address replace {a} dev {dev}" for a in addresses]
+    # replace, not add: idempotent, so a machine restarted by `sync` can reuse its address.
+    # IPv6 ones skip duplicate address detection: usable at once, no tentative phase.
+    return [f"address replace {a} dev {dev}" + (" nodad" if ":" in a else "")
+            for a in addresses]
 
 
 def route_commands(routes: Iterable[Route]) -> list[str]:

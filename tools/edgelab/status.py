@@ -25,14 +25,20 @@ def _nodes(topo: Topology) -> list[Json]:
         interfaces = []
         for link in topo.links_of(node.name):
             end = link.end(node.name)
-            interfaces.append({
+            interface = {
                 "name": end.ifname, "address": f"{end.address}/{link.subnet.prefixlen}",
                 "peer": end.peer, "delay_ms": link.delay_ms, "mtu": link.mtu,
-            })
+            }
+            if end.address6 is not None and link.subnet6 is not None:
+                interface["address6"] = f"{end.address6}/{link.subnet6.prefixlen}"
+            interfaces.append(interface)
+        on_lo = [*node.host_addresses, *node.host_addresses6, *node.local_app_addresses]
         nodes.append({
             "name": node.name, "namespace": node.namespace, "role": node.role,
             "region": node.region,
-            "addresses": [*node.host_addresses, *node.local_app_addresses],
+            # One list per family, so "addresses" means what it did before IPv6.
+            "addresses": [a for a in on_lo if ":" not in a],
+            "addresses6": [a for a in on_lo if ":" in a],
             "interfaces": interfaces,
         })
     return nodes
@@ -141,7 +147,8 @@ def render_human(status: Json) -> str:
     head = (f"lab is {'up' if status['up'] else 'NOT up (phase ' + status['phase'] + ')'}; "
             f"state {status['state_path']}; delays by {status['delay_method']}")
     nodes = _table(["node", "namespace", "role", "region", "addresses", "links"], [
-        [n["name"], n["namespace"], n["role"], n["region"], " ".join(n["addresses"]),
+        [n["name"], n["namespace"], n["role"], n["region"],
+         " ".join([*n["addresses"], *n["addresses6"]]),
          " ".join(f"{i['name']}({i['delay_ms']}ms)" for i in n["interfaces"])]
         for n in status["nodes"]
     ])

@@ -7,6 +7,7 @@ adds around it (the client, links, delays, routes) is decided here.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -20,6 +21,13 @@ CLIENT_REGION = "ord"
 CLIENT_FIRST_ADDRESS = ipaddress.IPv4Address("198.18.0.2")
 LINK_POOL = ipaddress.IPv4Network("198.18.1.0/24")
 VIP_RANGE = ipaddress.IPv4Network("198.19.0.0/16")
+# IPv6 mirrors the plan on the client side only (HTTP apps; the backhaul is IPv4):
+# fd00::2 via the nearest edge, fd00::3 via the next, ...; client-edge link N is
+# fd00:1:N::/64; HTTP apps' IPv6 twins come from fd00:19::/48.
+CLIENT_FIRST_ADDRESS6 = ipaddress.IPv6Address("fd00::2")
+LINK_POOL6 = ipaddress.IPv6Network("fd00:1::/32")
+LINK_PREFIXLEN6 = 64
+VIP_RANGE6 = ipaddress.IPv6Network("fd00:19::/48")
 CLIENT_LINK_MTU = 1500
 # An encapsulated full-size client packet must fit the backhaul unfragmented.
 BACKHAUL_MTU = 1600
@@ -64,7 +72,8 @@ def ifname_toward(peer: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Link:
-    """A point-to-point veth between two nodes with a /30 and a one-way delay."""
+    """A point-to-point veth between two nodes with a /30 (and, client-edge, a /64)
+    and a one-way delay. In either family the first node takes ::1/.1, the second ::2/.2."""
 
     index: int
     a: str
@@ -72,21 +81,21 @@ class Link:
     subnet: ipaddress.IPv4Network
     delay_ms: int
     mtu: int
-
-    @property
-    def a_address(self) -> ipaddress.IPv4Address:
-        return self.subnet.network_address + 1
-
-    @property
-    def b_address(self) -> ipaddress.IPv4Address:
-        return self.subnet.network_address + 2
+    subnet6: ipaddress.IPv6Network | None = None
 
     def end(self, node: str) -> LinkEnd:
         if node == self.a:
-            return LinkEnd(node, ifname_toward(self.b), self.a_address, self.b, self.b_address)
-        if node == self.b:
-            return LinkEnd(node, ifname_toward(self.a), self.b_address, self.a, self.a_address)
-        raise KeyError(f"{node} is not on link {self.a}-{self.b}")
+            own, peer, peer_node = 1, 2, self.b
+        elif node == self.b:
+            own, peer, peer_node = 2, 1, self.a
+        else:
+            raise KeyError(f"{node} is not on link {self.a}-{self.b}")
+        v4 = self.subnet.network_address
+        end = LinkEnd(node, ifname_toward(peer_node), v4 + own, peer_node, v4 + peer)
+        if self.subnet6 is None:
+            return end
+        v6 = self.subnet6.network_address
+        return dataclasses.replace(end, address6=v6 + own, peer_address6=v6 + peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +105,8 @@ class LinkEnd:
     address: ipaddress.IPv4Address
     peer: str
     peer_address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address | None = None
+    peer_address6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +132,11 @@ class Node:
     role: str  # client | edge | worker
     region: str
     host_addresses: tuple[str, ...]
-    # Extra addresses on lo: on edges, the HTTP apps' shared addresses.
+    # Extra addresses on lo: on edges, the HTTP apps' shared addresses (both families).
     local_app_addresses: tuple[str, ...] = ()
     machine_subnets: tuple[str, ...] = ()
+    # IPv6 host addresses, index for index with host_addresses (the client only).
+    host_addresses6: tuple[str, ...] = ()
 
     @property
     def namespace(self) -> str:
@@ -190,7 +203,9 @@ def _edges_nearest_first(state: LabState) -> list[str]:
 
 def _nodes(state: LabState, edges: list[str]) -> tuple[Node, ...]:
     client_addresses = tuple(str(CLIENT_FIRST_ADDRESS + i) for i in range(len(edges)))
-    nodes = [Node(CLIENT, "client", CLIENT_REGION, client_addresses)]
+    client_addresses6 = tuple(str(CLIENT_FIRST_ADDRESS6 + i) for i in range(len(edges)))
+    nodes = [Node(CLIENT, "client", CLIENT_REGION, client_addresses,
+                  host_addresses6=client_addresses6)]
     shared = _http_app_addresses(state)
     for edge in edges:
         host = state.host(edge)
@@ -215,14 +230,27 @@ def _links(nodes: tuple[Node, ...]) -> tuple[Link, ...]:
             subnet = next(subnets)
         except StopIteration:
             raise TopologyError(f"more links than /30s in {LINK_POOL}") from None
-        links.append(Link(index, a.name, b.name, subnet, one_way_delay_ms(a.region, b.region), mtu))
+        subnet6 = _link_subnet6(index) if a is client else None
+        links.append(Link(index, a.name, b.name, subnet, one_way_delay_ms(a.region, b.region),
+                          mtu, subnet6))
     return tuple(links)
+
+
+def _link_subnet6(index: int) -> ipaddress.IPv6Network:
+    """Link N's /64 is fd00:1:N::/64 (N in the third group, readable in `ip addr`)."""
+    if index >= 1 << 16:
+        raise TopologyError(f"more links than third groups in {LINK_POOL6}")
+    # N fills the 16 bits right after the pool's /32.
+    start = LINK_POOL6.network_address + (index << (128 - LINK_POOL6.prefixlen - 16))
+    return ipaddress.IPv6Network((start, LINK_PREFIXLEN6))
 
 
 def _client_routes(
     nodes: tuple[Node, ...], topo_links: tuple[Link, ...]
 ) -> tuple[tuple[Route, ...], tuple[Rule, ...]]:
-    """Each client address reaches every lab destination through its own edge."""
+    """Each client address reaches every lab destination through its own edge; each
+    client IPv6 address reaches the IPv6 app addresses (the only IPv6 destinations)
+    through the same edge, with the same table."""
     client = nodes[0]
     edges = [n for n in nodes if n.role == "edge"]
     workers = [n for n in nodes if n.role == "worker"]
@@ -231,7 +259,9 @@ def _client_routes(
     everywhere += [f"{w.host_addresses[0]}/32" for w in workers]
     routes: list[Route] = []
     rules: list[Rule] = []
-    for i, (edge, source) in enumerate(zip(edges, client.host_addresses, strict=True)):
+    for i, (edge, source, source6) in enumerate(
+        zip(edges, client.host_addresses, client.host_addresses6, strict=True)
+    ):
         end = next(lk for lk in topo_links if {lk.a, lk.b} == {client.name, edge.name}).end(
             client.name
         )
@@ -244,6 +274,10 @@ def _client_routes(
         routes.append(Route(f"{edge.host_addresses[0]}/32", via, dev, source, None))
         if table is not None:
             routes.append(Route(f"{edge.host_addresses[0]}/32", via, dev, source, table))
+        if end.peer_address6 is not None:
+            if table is not None:
+                rules.append(Rule(source6, table))
+            routes.append(Route(str(VIP_RANGE6), str(end.peer_address6), dev, source6, table))
     return tuple(routes), tuple(rules)
 
 
@@ -255,6 +289,13 @@ def _edge_routes(node: Node, nodes: tuple[Node, ...], topo: Topology) -> tuple[R
         Route(f"{a}/32", str(to_client.peer_address), to_client.ifname, own)
         for a in client.host_addresses
     ]
+    if to_client.address6 is not None and to_client.peer_address6 is not None:
+        # The edge has no IPv6 host address: its end of the client link is the source.
+        routes.extend(
+            Route(f"{a}/128", str(to_client.peer_address6), to_client.ifname,
+                  str(to_client.address6))
+            for a in client.host_addresses6
+        )
     for worker in (n for n in nodes if n.role == "worker"):
         end = topo.link_between(node.name, worker.name).end(node.name)
         dsts = [f"{worker.host_addresses[0]}/32", *worker.machine_subnets]
