@@ -72,7 +72,7 @@ def _sockets_for_echo(ss_output: str, client_ports: set[int]) -> list[str]:
     for line in ss_output.splitlines():
         ends = [end.rpartition(":") for end in line.split()[3:5]]
         addrs = {addr for addr, _, _ in ends}
-        ports = {int(port) for _, _, port in ends}
+        ports = {int(port) for _, _, port in ends if port.isdigit()}  # LISTEN: '*'
         if ECHO_VIP in addrs or (VIA_ORD in addrs and ports & client_ports and 80 not in ports):
             hits.append(line)
     return hits

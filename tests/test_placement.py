@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ def test_nearest_region_first_from_ams() -> None:
 def test_table_carries_what_the_data_paths_need() -> None:
     web = table_of(place(STATE, "edge-ord"), "web-http")
     assert web.app == "web"
-    assert web.addresses == (IPv4Address("198.19.0.80"),)
+    assert web.addresses == (IPv4Address("198.19.0.80"), IPv6Address("fd00:19::80"))
     assert web.ports == (80,)
     assert web.handlers == ("http",) and not web.raw_tcp
     assert (web.concurrency_type, web.soft_limit, web.hard_limit) == ("requests", 50, 100)
