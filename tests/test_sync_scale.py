@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ctypes as ct
+import dataclasses
+import logging
 from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
@@ -218,3 +221,17 @@ def test_lookup_array_reads_dense_keys(dp: Dataplane) -> None:
         assert values[0] == 1 and values[5] == 6 and values[last] == last + 1
         assert sum(values) == 1 + 6 + last + 1
     assert len(m.lookup_array(m.max_entries + 10)) == m.max_entries * 8
+
+
+def test_ipv6_addresses_of_a_raw_tcp_service_are_not_steered_and_said_so(
+        dp: Dataplane, caplog: pytest.LogCaptureFixture) -> None:
+    t = table((backend("m1", "198.18.210.1"),), service="dual", vip="198.19.210.20")
+    dual = dataclasses.replace(t, addresses=(*t.addresses, IPv6Address("fd00:19::20")))
+    with caplog.at_level(logging.WARNING, logger="edgeproxy.dataplane"):
+        dp.sync([dual])
+        dp.sync([dual])  # unchanged: said once
+    said = [r.getMessage() for r in caplog.records if "not steered" in r.getMessage()]
+    assert said == ["service dual (app echo): not steered on fd00:19::20: "
+                    "the fast path is IPv4 only"]
+    keys = [bytes(k) for k, _ in dp.maps["services"].items()]
+    assert keys and all(k[:4] == IPv4Address("198.19.210.20").packed for k in keys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import logging
 import os
 import shutil
 import struct
@@ -30,6 +31,8 @@ from .counters import Counters as Counters  # re-exported: the reader's types
 from .counters import MachineCounters as MachineCounters
 from .counters import ServiceCounters as ServiceCounters
 from .routing import Backend, ServiceTable
+
+log = logging.getLogger(__name__)
 
 PIN_ROOT = Path("/sys/fs/bpf/edgeproxy")
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
@@ -131,6 +134,16 @@ def _u32(value: int) -> bytes:
 
 def _port_tcp(port: int) -> bytes:
     return port.to_bytes(2, "big") + _TCP
+
+
+def _warn_unsteered(t: ServiceTable) -> None:
+    """The programs steer IPv4 only: say so, once per change of a raw-TCP service's
+    addresses, when it has IPv6 ones (they stay the kernel stack's, which answers
+    nothing there), rather than let them fail silently."""
+    v6 = [str(a) for a in t.addresses if a.version != 4]
+    if v6:
+        log.warning("service %s (app %s): not steered on %s: the fast path is IPv4 only",
+                    t.service_id, t.app, ", ".join(v6))
 
 
 def _machine_bytes(b: Backend) -> bytes:
@@ -804,6 +817,8 @@ class Dataplane:
         size = maglev.table_size(len(tier0_ids))
         keys = tuple(sorted({a.packed + _port_tcp(p) for a in t.addresses if a.version == 4
                              for p in t.ports}))
+        if cur is None or cur.table is None or cur.table.addresses != t.addresses:
+            _warn_unsteered(t)
         if cur is None:
             svc_id = self._alloc_service_id()
             phase0.put("service_labels", _u32(svc_id), _label_bytes(t.app, t.service_id))
