@@ -667,7 +667,7 @@ class _Exchange:
         if up is not None:
             up.exchange = None
             if parser.done and parser.keep_alive and not parser.buffer:
-                lane.pool.put_idle(up)
+                lane.pool.put_idle(up, self.client.loop.time())
             else:
                 up.close()
         self.client.exchange_done(self.keep)
@@ -727,7 +727,7 @@ class _Exchange:
         if up is not None:
             up.exchange = None
             if reusable:
-                self.client.lane.pool.put_idle(up)
+                self.client.lane.pool.put_idle(up, self.client.loop.time())
             else:
                 up.close()
 
@@ -863,11 +863,13 @@ class UpstreamPool:
             exchange.fail(f"cannot connect to {address}:{port}: {exc!r}")
             return
         if exchange.client.exchange is not exchange:
-            self.put_idle(up)  # the client left meanwhile
+            self.put_idle(up, loop.time())  # the client left meanwhile
             return
         up.start(exchange, reused=False)
 
-    def put_idle(self, up: UpstreamConnection) -> None:
+    def put_idle(self, up: UpstreamConnection, now: float) -> None:
+        # `now` from the caller's loop: asyncio.get_running_loop() costs a getpid()
+        # system call on Python 3.11, and this runs once a request.
         if up.lost:
             return
         up.resume()
@@ -875,7 +877,7 @@ class UpstreamPool:
         if len(conns) >= self.lane.settings.pool_idle:
             up.close()
             return
-        up.idle_since = asyncio.get_running_loop().time()
+        up.idle_since = now
         conns.append(up)
 
     def forget(self, up: UpstreamConnection) -> None:
