@@ -334,8 +334,7 @@ async def _upload(stream: H2Stream, body: ReplayableBody | None) -> None:
     cursor = body.cursor()
     while chunk := await cursor.read():
         await stream.write(chunk)
-    received = trailers_of(cursor)
-    trailers = h.forwardable_request_trailers(received) if received else None
+    trailers = h.forwardable_request_trailers(trailers_of(cursor))
     if trailers:  # the client's trailer fields: a trailing HEADERS frame ends the stream
         stream.send_headers(trailers, end_stream=True)
     else:
@@ -573,8 +572,7 @@ async def send_body(stream: H2Stream, headers: Headers, body: BodyReader) -> Non
 
 def _trailers(body: BodyReader) -> Headers | None:
     """The body's trailer fields to send on, None when there are none (no list)."""
-    received = trailers_of(body)
-    return (h.forwardable_trailers(received) or None) if received else None
+    return h.forwardable_trailers(trailers_of(body)) or None
 
 
 def _answer_error(stream: H2Stream, status: int, kind: bytes) -> None:

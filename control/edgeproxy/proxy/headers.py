@@ -129,13 +129,19 @@ def strip_internal(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     return [(n, v) for n, v in headers if n not in (TARGET, APP)]
 
 
-def client_response_headers(headers: Sequence[tuple[bytes, bytes]], request_id: bytes) -> Headers:
-    """The header list a client receives: no hop-by-hop, no proxy directives, our id.
-    The same for a final response and for an interim (1xx) one."""
+def _client_fields(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """A machine's fields a client may see: no hop-by-hop, no proxy directives."""
     kept = []
     for field in strip_hop_by_hop(headers):
         if field[0] not in _PROXY_DIRECTIVES:
             kept.append(field)
+    return kept
+
+
+def client_response_headers(headers: Sequence[tuple[bytes, bytes]], request_id: bytes) -> Headers:
+    """The header list a client receives: no hop-by-hop, no proxy directives, our id.
+    The same for a final response and for an interim (1xx) one."""
+    kept = _client_fields(headers)
     kept.append((REQUEST_ID, request_id))
     return kept
 
@@ -145,7 +151,7 @@ def forwardable_trailers(trailers: Sequence[tuple[bytes, bytes]]) -> Headers:
     same stripping as a response head, and none of the fields RFC 9110 6.5.1 says a
     trailer must not carry (framing, routing, content handling, authentication)."""
     kept = []
-    for field in client_response_headers(trailers, b""):
+    for field in _client_fields(trailers):
         if field[0] not in _NOT_IN_TRAILERS and field[0][:1] != b":":
             kept.append(field)
     return kept
@@ -183,7 +189,7 @@ _NOT_IN_TRAILERS = frozenset(
         b"cache-control",
         b"expect",
         b"max-forwards",
-        REQUEST_ID,  # ours goes in the head (client_response_headers adds one: dropped)
+        REQUEST_ID,  # ours goes in the head; a machine's copy in trailers is dropped
     }
 )
 

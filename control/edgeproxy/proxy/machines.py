@@ -305,8 +305,7 @@ async def _upload(
     if chunked:
         # The client's trailer fields ride in the last chunk; with Content-Length
         # framing toward the machine there is no place for them (dropped, 9110 6.5.1).
-        received = trailers_of(body)
-        writer.write(h.last_chunk(h.forwardable_request_trailers(received) if received else ()))
+        writer.write(h.last_chunk(h.forwardable_request_trailers(trailers_of(body))))
     elif length is not None and sent != length:
         raise UpstreamReset("request body shorter than its Content-Length")
     await writer.drain()
