@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import pytest
@@ -15,7 +17,11 @@ BASE: dict[str, Any] = {"instance": "edge-ord", "role": "edge", "host_id": "edge
 
 def test_defaults_and_http_section() -> None:
     config = parse_config(BASE)
-    assert config.http == ProxySettings() and config.metrics_listen == "127.0.0.1:9109"
+    # one HTTP process per CPU unless the config says otherwise
+    assert config.http == dataclasses.replace(ProxySettings(), processes=os.cpu_count() or 1)
+    assert config.metrics_listen == "127.0.0.1:9109"
+    assert parse_config({**BASE, "http": {"processes": 1}}).http == ProxySettings()
+    assert parse_config({**BASE, "http": {"queue_limit": 3}}).http.processes == os.cpu_count()
     config = parse_config({**BASE, "http": {"app_cpu_limit": 0.25, "queue_limit": 10,
                                             "response_timeout": 5}})
     assert config.http.app_cpu_limit == 0.25 and config.http.queue_limit == 10

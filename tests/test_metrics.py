@@ -96,6 +96,11 @@ def full_snapshot() -> ProxySnapshot:
         cpu_seconds={"web": 0.25},
         cpu_throttled={"web": 2},
         backhaul_refused=1,
+        http2_abuse={"rapid_reset": 1},
+        lane_requests=7,
+        general_requests=2,
+        backhaul_lane_requests=5,
+        backhaul_general_requests=1,
     )
 
 
@@ -607,3 +612,11 @@ def test_stats_and_metrics_agree_with_the_traffic_sent(
     assert isinstance(dumped, list)
     assert {d["machine"] for d in dumped} >= greeted
     assert all(d["vip"] == "198.19.1.1:7" for d in dumped)
+
+
+def test_request_paths_are_one_family_with_the_worker_lane() -> None:
+    collector, _, _ = full_collector()
+    samples = scrape(collector)
+    paths = {labels["path"]: value for labels, value in samples[
+        "edgeproxy_http_requests_path_total"]}
+    assert paths == {"lane": 7, "general": 2, "backhaul-lane": 5, "backhaul-general": 1}

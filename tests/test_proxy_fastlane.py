@@ -69,7 +69,28 @@ def test_pipelined_requests_answered_in_order_with_a_body_in_between() -> None:
             paths = [p.decode() for p in out.split(b'"path": "')[1:]]
             assert [p.split('"')[0] for p in paths] == ["/one", "/two", "/three"], out[:400]
             assert out.count(b"HTTP/1.1 200 OK") == 3
-            # GET on the lane, the POST (a body) on the general path, then back.
+            # The POST's small Content-Length body came with its head: it rides the
+            # lane too (tests/test_proxy_lane_bodies.py).
+            assert lane_counts(L.edge) == (3, 0)
+            await settle(L.edge)
+
+    run(main)
+
+
+def test_pipelined_requests_answered_in_order_with_a_chunked_body_in_between() -> None:
+    async def main() -> None:
+        async with lab() as L:
+            batch = (
+                b"GET /one HTTP/1.1\r\nHost: web.test\r\n\r\n"
+                b"POST /two HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n\r\n"
+                b"GET /three HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n"
+            )
+            out = await raw_exchange(batch, L.port)
+            paths = [p.decode() for p in out.split(b'"path": "')[1:]]
+            assert [p.split('"')[0] for p in paths] == ["/one", "/two", "/three"], out[:400]
+            assert out.count(b"HTTP/1.1 200 OK") == 3
+            # GETs on the lane, the chunked POST on the general path, then back.
             assert lane_counts(L.edge) == (2, 1)
             await settle(L.edge)
 

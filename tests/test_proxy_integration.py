@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import random
 import shutil
+from ipaddress import IPv4Address
 
 import pytest
 import websockets.asyncio.client
 
+from edgeproxy import placement
+from edgeproxy.proxy.admission import Admission
+from edgeproxy.routing import Backend
 from test_proxy_support import (
     FAST,
     SMUGGLE_SHAPES,
@@ -358,10 +364,12 @@ def test_h2c_host_header_differing_from_authority_fails_only_its_stream() -> Non
     run(main)
 
 
-def test_processes_share_listeners_and_split_budgets() -> None:
+def test_processes_share_listeners_and_one_budget() -> None:
     """proxy processes > 1: listeners carry SO_REUSEPORT (a second process can bind
-    the same address and port) and each process admits limit // processes."""
-    from edgeproxy.proxy.server import HttpProxy, process_share
+    the same address and port), and two proxies on one shared segment admit the
+    app's hard_limit once between them, not once each."""
+    from edgeproxy.proxy._shared import SharedBudgets
+    from edgeproxy.proxy.server import HttpProxy
 
     async def main() -> None:
         settings = dataclasses.replace(FAST, processes=2)
@@ -370,8 +378,8 @@ def test_processes_share_listeners_and_split_budgets() -> None:
                 role="edge", region="ord", host_addresses=["127.0.0.2"], settings=settings
             )
             shared = L.edge._routes.by_app_port[("web", L.port)]
-            whole = dataclasses.replace(shared, soft_limit=50, hard_limit=100)
-            twin.update([whole], {"web.test": "web"})
+            twin.update([shared], {"web.test": "web"})
+            limits = (shared.soft_limit, shared.hard_limit)
             await twin.start()
             try:
                 assert twin.listening == L.edge.listening and not twin.listen_errors
@@ -380,11 +388,29 @@ def test_processes_share_listeners_and_split_budgets() -> None:
                     assert response.status == 200
             finally:
                 await twin.stop()
-            assert (shared.soft_limit, shared.hard_limit) == (25, 50)  # 50/100 over 2
+            # the table is not cut to limit // processes any more
+            assert (twin._routes.by_app_port[("web", L.port)].soft_limit,
+                    twin._routes.by_app_port[("web", L.port)].hard_limit) == limits
 
     run(main)
-    tiny = table("tiny", VIP, 80, [], soft=1, hard=3)
-    assert (process_share(tiny, 4).soft_limit, process_share(tiny, 4).hard_limit) == (1, 1)
+    budgets = SharedBudgets.create(1 << 8, 2)
+    twin_budgets = SharedBudgets(budgets.fd, 1)
+    try:
+        a: Admission[object] = Admission(placement.choose, random.Random(1), 10, budgets)
+        b: Admission[object] = Admission(placement.choose, random.Random(2), 10, twin_budgets)
+        m1 = Backend("m1", "tiny", "ord", IPv4Address("127.0.0.9"), 1, IPv4Address("127.0.0.1"))
+        tiny = table("tiny", VIP, 80, [[m1]], soft=1, hard=3)
+        got = [a.try_acquire("tiny", [tiny]), b.try_acquire("tiny", [tiny]),
+               a.try_acquire("tiny", [tiny]), b.try_acquire("tiny", [tiny])]
+        assert [g is not None for g in got] == [True, True, True, False]
+        assert a.in_flight() == {("tiny", "m1"): 2} and b.in_flight() == {("tiny", "m1"): 1}
+        a.release("tiny", "m1")
+        assert b.try_acquire("tiny", [tiny]) is not None
+        assert budgets.total(budgets.find("m1")) == 3
+    finally:
+        twin_budgets.close()
+        budgets.close()
+        os.close(budgets.fd)
 
 
 async def h2_websocket_echo(port: int, extra: list[tuple[str, str]], messages: int) -> list[str]:

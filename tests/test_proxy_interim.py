@@ -74,6 +74,14 @@ def _post(path: str, version: bytes = b"1.1", extra: bytes = b"") -> bytes:
     )
 
 
+def _chunked_post(path: str) -> bytes:
+    """A POST the fast lane hands to the general path (a chunked body)."""
+    return (
+        b"POST %b HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n" % path.encode()
+    )
+
+
 def _heads(raw: bytes) -> list[bytes]:
     """The status lines in a raw answer, in order."""
     return [line for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.")]
@@ -108,7 +116,7 @@ def test_103_reaches_an_http11_client_on_the_lane_and_on_the_general_path() -> N
         async with raw_lab(EARLY_HINTS + OK, "web-ord-1") as L:
             _check_early_hints(await raw_exchange(_get("/lane"), L.port))
             assert lane_counts(L.edge) == (1, 0)
-            _check_early_hints(await raw_exchange(_post("/general"), L.port))
+            _check_early_hints(await raw_exchange(_chunked_post("/general"), L.port))
             assert lane_counts(L.edge) == (1, 1)
             await settle(L.edge)
             assert L.edge.snapshot().responses[("web", 200)] == 2

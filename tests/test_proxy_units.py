@@ -7,12 +7,14 @@ import contextlib
 import random
 import re
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.placement import choose
+from edgeproxy.proxy import _nghttp2 as ng
 from edgeproxy.proxy import headers as h
 from edgeproxy.proxy.admission import Admission, QueueFull
 from edgeproxy.proxy.bodies import BytesBody, ReplayableBody
@@ -441,41 +443,134 @@ def test_machine_request_head_refuses_header_injection() -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(
-                [b":status", b":path", b"content-length", b"cookie", b"x-a", b"server"]
+            st.sampled_from([b"x-a", b"content-length", b"cookie", b"server", b"x-long"]),
+            st.binary(max_size=3000).map(
+                lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
             ),
-            st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
         ),
-        max_size=20,
+        max_size=30,
     )
 )
-@settings(max_examples=200, deadline=None)
-def test_stateless_hpack_encoder_round_trips(fields: list[tuple[bytes, bytes]]) -> None:
-    from hpack import Decoder, Encoder
-
-    from edgeproxy.proxy.hpackfast import FastDecoder, StatelessEncoder
-
-    encoder, decoder, fast = StatelessEncoder(), Decoder(), FastDecoder()
-    for _ in range(2):  # the second block comes from the per-field cache
-        block = encoder.encode(fields)
-        assert decoder.decode(block, raw=True) == fields
-        assert fast.decode(block, raw=True) == fields
-    assert not decoder.header_table.dynamic_entries  # nothing indexed, ever
-    # Blocks from a stateful, huffman-coding encoder take the full decoder's path.
-    stateful, fast = Encoder(), FastDecoder()
+@example([(b"x-long", b"v" * 3000)] * 30)  # 90 KB: HEADERS + CONTINUATION frames
+@settings(max_examples=100, deadline=None)
+def test_nghttp2_engine_header_lists_arrive_whole(fields: list[tuple[bytes, bytes]]) -> None:
+    """Any header list (spanning CONTINUATION frames or not) is one event, in order,
+    both ways, the second time through HPACK's dynamic table as the first."""
+    client, server = _engine_pair(
+        max_header_list=1 << 20, max_header_block=1 << 20, max_header_frames=100
+    )
+    request = [*_REQUEST, *fields]
     for _ in range(2):
-        assert [tuple(f) for f in fast.decode(stateful.encode(fields), raw=True)] == fields
+        sid = client.submit_request(request, True)
+        events = _pump(client, server)[1]
+        assert [(k, s, v, f) for k, s, v, f in events if k == ng.EV_REQUEST] == [
+            (ng.EV_REQUEST, sid, request, True)
+        ]
+        server.submit_response(sid, [(b":status", b"200"), *fields], True)
+        got = [e for e in _pump(client, server)[0] if e[0] == ng.EV_HEADERS]
+        assert got == [(ng.EV_HEADERS, sid, [(b":status", b"200"), *fields], True)]
 
 
-def test_fast_hpack_decoder_keeps_the_header_list_limit() -> None:
-    from hpack import OversizedHeaderListError
+def test_nghttp2_engine_interim_trailers_and_connect_protocol() -> None:
+    client, server = _engine_pair(enable_connect_protocol=True)
+    _pump(client, server)
+    assert client.remote_connect_protocol() and not server.remote_connect_protocol()
+    connect = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"http"),
+               (b":path", b"/ws"), (b":authority", b"web.test")]
+    sid = client.submit_request(connect, False)
+    assert client.send_data(sid, b"up", False) == 2
+    client.submit_trailers(sid, [(b"x-sum", b"1")])
+    ev = _pump(client, server)[1]
+    assert [e[0] for e in ev if e[1] == sid] == [ng.EV_REQUEST, ng.EV_DATA, ng.EV_HEADERS]
+    assert (ng.EV_DATA, sid, b"up", False) in ev
+    assert (ng.EV_HEADERS, sid, [(b"x-sum", b"1")], True) in ev
+    server.submit_headers(sid, [(b":status", b"103"), (b"link", b"</a>")], False)
+    server.submit_response(sid, [(b":status", b"200")], False)
+    server.send_data(sid, b"down", False)
+    server.submit_trailers(sid, [(b"x-t", b"2")])
+    ev = [e for e in _pump(client, server)[0] if e[1] == sid]
+    assert ev[:4] == [
+        (ng.EV_HEADERS, sid, [(b":status", b"103"), (b"link", b"</a>")], False),
+        (ng.EV_HEADERS, sid, [(b":status", b"200")], False),
+        (ng.EV_DATA, sid, b"down", False),
+        (ng.EV_HEADERS, sid, [(b"x-t", b"2")], True),
+    ]
+    assert ev[4] == (ng.EV_CLOSED, sid, 0, 0)
+    client.ping(b"12345678")
+    assert (ng.EV_PING_ACK, 0, b"12345678", 0) in _pump(client, server)[0]
+    server.goaway(0)
+    assert (ng.EV_GOAWAY, sid, 0, 0) in _pump(client, server)[0]
 
-    from edgeproxy.proxy.hpackfast import FastDecoder, StatelessEncoder
 
-    decoder = FastDecoder()
-    decoder.max_header_list_size = 1000
-    with pytest.raises(OversizedHeaderListError):
-        decoder.decode(StatelessEncoder().encode([(b"x", b"y" * 2000)]), raw=True)
+def test_nghttp2_engine_flow_control() -> None:
+    """Inbound: the connection window is credited on arrival, a stream's only when
+    consumed; outbound: a stream sends what the windows allow, the rest waits in its
+    buffer, and its writer hears (drained) when the buffer is back at its limit."""
+    window = 65536
+    client, server = _engine_pair(stream_window=window, connection_window=1 << 24)
+    sids = [client.submit_request(_REQUEST, True) for _ in range(2)]
+    _pump(client, server)
+    for sid in sids:
+        server.submit_response(sid, [(b":status", b"200")], False)
+        assert server.send_data(sid, b"x" * 300_000, True) == 300_000
+    assert server.over(sids[0], 100_000)
+
+    def received(events: list[tuple[int, int, Any, Any]], sid: int) -> int:
+        return sum(len(v) for k, s, v, _ in events if k == ng.EV_DATA and s == sid)
+
+    first = _pump(client, server)[0]
+    # Each stream got exactly its window, nothing more, though the connection had room.
+    assert received(first, sids[0]) == received(first, sids[1]) == window
+    assert server.pending(sids[0]) == 300_000 - window
+    assert server.drained() == []
+    client.consume(sids[0], window)  # only stream 1's consumer reads
+    again = _pump(client, server)[0]
+    assert received(again, sids[0]) == window and received(again, sids[1]) == 0
+    for _ in range(8):
+        client.consume(sids[0], window)
+        _pump(client, server)
+    assert server.pending(sids[0]) == 0 and sids[0] in server.drained()
+    assert server.pending(sids[1]) == 300_000 - window  # still stalled by its own window
+
+
+def test_nghttp2_engine_abuse_is_fatal_with_enhance_your_calm() -> None:
+    """A PING flood past the bucket: a fatal event naming the kind, GOAWAY
+    ENHANCE_YOUR_CALM queued, nothing more read or written after it."""
+    client = ng.Session(True)
+    server_side = ng.Session(False, ping_burst=10, ping_rate=1)
+    _pump(client, server_side)
+    for n in range(20):
+        client.ping(b"%08d" % n)
+    events = server_side.receive(client.data_to_send())
+    assert events[-1] == (ng.EV_FATAL, 0, "ping_flood", 0xB) and server_side.abuse == "ping_flood"
+    out = server_side.data_to_send()
+    assert b"\x07\x00\x00\x00\x00\x00" in out and out.endswith(b"\x00\x00\x00\x0b")  # GOAWAY
+    assert server_side.finished()
+
+
+_REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+            (b":authority", b"web.test")]
+
+
+def _engine_pair(**kwargs: Any) -> tuple[ng.Session, ng.Session]:
+    return ng.Session(True, **kwargs), ng.Session(False, **kwargs)
+
+
+def _pump(
+    client: ng.Session, server: ng.Session
+) -> tuple[list[tuple[int, int, Any, Any]], list[tuple[int, int, Any, Any]]]:
+    """Move bytes both ways until both are quiet; (client's events, server's events)."""
+    at_client: list[tuple[int, int, Any, Any]] = []
+    at_server: list[tuple[int, int, Any, Any]] = []
+    for _ in range(100):
+        up, down = client.data_to_send(), server.data_to_send()
+        if not up and not down:
+            break
+        if up:
+            at_server += server.receive(up)
+        if down:
+            at_client += client.receive(down)
+    return at_client, at_server
 
 
 def test_h2_request_checks_per_stream() -> None:
@@ -542,3 +637,16 @@ def test_response_header_section_rule_is_the_whole_section_regex(parts: list[byt
         assert "header section" in str(exc), exc
         accepted = False
     assert accepted == expected, section
+
+
+def test_one_letter_names_leave_shared_bytes_alone() -> None:
+    """CPython shares one object per 1-byte bytes value; the compiled parser must not
+    lower-case a one-letter name in place (b"X" would become b"x" process-wide)."""
+    from edgeproxy.proxy import _http1
+
+    upper = bytes([88])  # b"X", the shared object
+    head = _http1.parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\nY-: 2")
+    assert (b"x", b"1") in head.headers
+    _http1.response_head(b"HTTP/1.1 200 OK\r\nZ: 3")
+    assert upper == bytes([88]) and bytes([88]).lower() == bytes([120])
+    assert bytes([88, 90]) == b"X" + b"Z"

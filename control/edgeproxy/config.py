@@ -4,6 +4,7 @@ state from, which interfaces carry traffic."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,15 @@ _FIELDS = {
     "instance", "role", "host_id", "state", "interfaces", "metrics", "ready_file",
     "refuse", "idle_timeout_s", "resync_interval_s", "attach", "http",
 }
+
+
+def default_processes() -> int:
+    """HTTP processes when the config names none: one per CPU."""
+    return os.cpu_count() or 1
+
+
+def default_http() -> ProxySettings:
+    return ProxySettings(processes=default_processes())
 
 
 class ConfigError(ValueError):
@@ -37,7 +47,7 @@ class DaemonConfig:
     idle_timeout_s: float = 300.0
     resync_interval_s: float = 1.0
     attach: Literal["xdp", "tc"] | None = None  # fast-path hook; None = the loader's default
-    http: ProxySettings = field(default_factory=ProxySettings)  # the `http:` section
+    http: ProxySettings = field(default_factory=default_http)  # the `http:` section
 
     @property
     def is_edge(self) -> bool:
@@ -58,14 +68,15 @@ def _require(data: Mapping[str, Any], name: str, kind: type) -> Any:
 
 
 def parse_http(data: object) -> ProxySettings:
-    """The `http:` section: any ProxySettings field, by name, with its type."""
+    """The `http:` section: any ProxySettings field, by name, with its type.
+    ``processes`` defaults to one per CPU (ProxySettings' own default is 1)."""
     if data is None:
-        return ProxySettings()
+        return default_http()
     if not isinstance(data, Mapping):
         raise ConfigError("http: expected a mapping")
     defaults = ProxySettings()
     fields = {f.name for f in dataclasses.fields(ProxySettings)}
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"processes": default_processes()}  # one per CPU
     for name, value in data.items():
         if name not in fields:
             raise ConfigError(f"http.{name}: unknown field")

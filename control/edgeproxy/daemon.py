@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import time
@@ -34,6 +35,8 @@ from .health import HealthChecker
 from .metrics import EdgeproxyCollector, MetricsEndpoint
 from .placement import place, place_service
 from .proxy import HttpProxy, new_event_loop
+from .proxy._shared import SharedBudgets
+from .proxy.processes import BUDGET_ROWS, HostSnapshots, ProcessSupervisor
 from .routing import ServiceTable
 from .sources import StateSource, make_source
 from .state import ClusterState, Host
@@ -70,12 +73,22 @@ class Daemon:
         self.state = source.current()
         self.host = self._own_host(self.state)
         self.dataplane = self._dataplane_for(self.host)
+        processes = config.http.processes
+        # Several HTTP processes: this one is process 0 (it also keeps state, health,
+        # placement and the kernel maps); the supervisor runs 1..N-1. Their per-machine
+        # in-flight counts live in one shared segment (docs/DESIGN.md, "Several processes").
+        self.budgets = SharedBudgets.create(BUDGET_ROWS, processes) if processes > 1 else None
         self.proxy = HttpProxy(
             role=config.role,
             region=self.host.region,
             host_addresses=[str(self.host.address)],
             settings=config.http,
+            shared=self.budgets,
         )
+        self.supervisor = None if self.budgets is None else ProcessSupervisor(
+            processes, budgets=self.budgets, role=config.role, region=self.host.region,
+            host_addresses=[str(self.host.address)], backhaul_port=self.proxy.backhaul_port,
+            settings=config.http)
         self.health = HealthChecker(self.state) if config.is_edge else None
         self._tables_by_id: dict[str, ServiceTable] = {}  # the same objects the loader keeps
         self._hostnames: dict[str, str] = {}
@@ -122,6 +135,11 @@ class Daemon:
         await self.apply(self.state)
         await self.proxy.start()
         await self.proxy.sync_listeners()
+        if self.supervisor is not None:
+            assert self.budgets is not None
+            log.info("shared budgets: %d rows, fd %d (/proc/%d/fd/%d)", self.budgets.rows,
+                     self.budgets.fd, os.getpid(), self.budgets.fd)
+            await self.supervisor.start()
         self.start_metrics()
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{self.applied}\n")
@@ -137,7 +155,10 @@ class Daemon:
         """
         old, self.state = self.state, state
         if old.hosts is not state.hosts or not self.applied:
-            self.proxy.allow_backhaul_from(edge_addresses(state))
+            peers = edge_addresses(state)
+            self.proxy.allow_backhaul_from(peers)
+            if self.supervisor is not None:
+                self.supervisor.publish(peers=peers)
         healthy = self.health.healthy if self.health else None
         if changed_apps is None or not self._tables_by_id:
             tables = place(state, self.host.id, healthy=healthy)
@@ -148,6 +169,8 @@ class Daemon:
             self._tables_by_id = {t.service_id: t for t in tables}
             self._hostnames = hostnames_of(state)
             self.proxy.update(tables, self._hostnames)
+            if self.supervisor is not None:
+                self.supervisor.publish_tables(tables, self._hostnames)
             # Hundreds of thousands of long-lived objects: keep the cyclic collector
             # from rescanning them on every later change (seconds per pass at 200k apps).
             gc.freeze()
@@ -179,6 +202,8 @@ class Daemon:
         apps_changed = any(old.apps.get(a) is not state.apps.get(a) for a in apps)
         if apps_changed:
             self._hostnames = hostnames_of(state)
+        if self.supervisor is not None:  # the children get only what changed
+            self.supervisor.publish(tables, gone, self._hostnames if apps_changed else None)
         if apps_changed or http_before or any(t.handlers for t in tables):
             # only then the whole sorted list: sorting 200,000 ids on every machine
             # change was tens of milliseconds of a one-change budget of 50
@@ -191,10 +216,17 @@ class Daemon:
 
     def start_metrics(self) -> None:
         """Serve /metrics on ``metrics.listen``; the collector reads at each scrape."""
-        collector = self.collector = EdgeproxyCollector(
-            dataplane=self.dataplane,
-            proxy=self.proxy, source=self.source, last_applied=lambda: self.applied_at,
-            loop=asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self.supervisor is None:
+            collector = self.collector = EdgeproxyCollector(
+                dataplane=self.dataplane,
+                proxy=self.proxy, source=self.source, last_applied=lambda: self.applied_at,
+                loop=loop)
+        else:  # every HTTP process's counters, summed (taken from the scrape thread)
+            collector = self.collector = EdgeproxyCollector(
+                dataplane=self.dataplane,
+                proxy=HostSnapshots(self.proxy, self.supervisor, loop), source=self.source,
+                last_applied=lambda: self.applied_at, loop=None)
         self.metrics = MetricsEndpoint.start(self.config.metrics_listen, collector)
         self.warm_metrics()
 
@@ -250,7 +282,12 @@ class Daemon:
             await self.health.stop()
         if self.metrics is not None:
             self.metrics.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         await self.proxy.stop()
+        if self.budgets is not None:
+            self.budgets.close()
+            os.close(self.budgets.fd)
         self.source.close()
         if self.dataplane is not None:
             self.dataplane.close()  # fds only: programs stay attached, maps pinned

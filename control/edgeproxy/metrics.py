@@ -139,8 +139,13 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("edgeproxy_backhaul_refused_total", "counter",
        "Backhaul connections a worker closed: they came from no edge's address"),
     _m("edgeproxy_http_requests_path_total", "counter",
-       "HTTP/1.1 requests by the path that took them: lane (served on the fast lane's "
-       "callbacks) or general (handed to the general path)", "path"),
+       "HTTP requests by the path that took them: lane (served on the fast lane's "
+       "callbacks) or general (handed to the general path); on a worker, backhaul streams "
+       "as backhaul-lane (served on callbacks) or backhaul-general (a task each)", "path"),
+    _m("edgeproxy_http2_abuse_total", "counter",
+       "HTTP/2 client connections closed with GOAWAY ENHANCE_YOUR_CALM, by the bound broken: "
+       "rapid_reset, continuation_flood, settings_flood, ping_flood, zero_window, flood",
+       "kind"),
     _m("edgeproxy_backhaul_up", "gauge",
        "Whether the backhaul connection to the worker is up (1) or not (0)", *BACKHAUL_LABELS),
     _m("edgeproxy_backhaul_rtt_seconds", "gauge",
@@ -895,6 +900,12 @@ def add_proxy(f: Mapping[str, Metric], snap: ProxySnapshot, labels: StateLabels)
     _add(f, "edgeproxy_backhaul_refused_total", (), snap.backhaul_refused)
     _add(f, "edgeproxy_http_requests_path_total", ("lane",), snap.lane_requests)
     _add(f, "edgeproxy_http_requests_path_total", ("general",), snap.general_requests)
+    _add(f, "edgeproxy_http_requests_path_total", ("backhaul-lane",),
+         snap.backhaul_lane_requests)
+    _add(f, "edgeproxy_http_requests_path_total", ("backhaul-general",),
+         snap.backhaul_general_requests)
+    for kind, count in sorted(snap.http2_abuse.items()):
+        _add(f, "edgeproxy_http2_abuse_total", (kind,), count)
     for address, health in sorted(snap.backhaul.items()):
         worker, region = labels.worker_of_address.get(address, (address, ""))
         key = (worker, region)

@@ -22,6 +22,7 @@ SCENARIOS: dict[str, tuple[int, int]] = {
     "http": (3, 1),
     "scale": (1, 1),
     "scrape": (5, 3),
+    "h1core": (5, 3),
 }
 
 
@@ -49,6 +50,10 @@ def _runner(name: str) -> Callable[[Result, int, bool], None]:
         from edgebench import scrape
 
         return scrape.measure
+    if name == "h1core":
+        from edgebench import h1core
+
+        return h1core.measure
     raise SystemExit(f"unknown scenario {name}")
 
 

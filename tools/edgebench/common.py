@@ -247,6 +247,28 @@ def timed() -> Iterator[list[float]]:
         box.append(time.perf_counter() - t0)
 
 
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                out += [int(child), *_descendants(int(child))]
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` and every process below
+    them (a multi-process proxy's workers count as the proxy's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in {q for p in pids for q in (p, *_descendants(p))}:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process in KiB; HWM is its peak RSS."""
     rss = hwm = 0

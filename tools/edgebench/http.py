@@ -21,7 +21,16 @@ from subprocess import Popen
 import yaml
 
 from edgebench import load, peers
-from edgebench.common import VENV_PYTHON, BenchError, Result, Row, relate, rss_kib, wait_for
+from edgebench.common import (
+    VENV_PYTHON,
+    BenchError,
+    Result,
+    Row,
+    cpu_seconds,
+    relate,
+    rss_kib,
+    wait_for,
+)
 from edgebench.net import EDGE_HOST, EDGE_MACHINE, HTTP_APP, WORKER_MACHINE, BenchNet
 
 STATE = Path(__file__).with_name("http_state.yaml")
@@ -30,16 +39,29 @@ BIG = 100 * 1000 * 1000
 MACHINE_PORT = 8080
 PIN_ROOT = Path("/sys/fs/bpf/edgeproxy")
 
-# case -> (url, Host header)
-CASES: dict[str, tuple[str, str | None]] = {
-    "edgeproxy-local": (f"http://{HTTP_APP}/", "local.bench"),
-    "edgeproxy-backhaul": (f"http://{HTTP_APP}/", "remote.bench"),
-    "nginx-local": (f"http://{EDGE_HOST}:8081/", None),
-    "nginx-remote": (f"http://{EDGE_HOST}:8082/", None),
-    "haproxy-local": (f"http://{EDGE_HOST}:9081/", None),
-    "haproxy-remote": (f"http://{EDGE_HOST}:9082/", None),
-    "python-floor": (f"http://{EDGE_HOST}:9091/", None),
+POST_BYTES = 4096
+# case -> (url, Host header, POST body bytes or 0 for GET)
+CASES: dict[str, tuple[str, str | None, int]] = {
+    "edgeproxy-local": (f"http://{HTTP_APP}/", "local.bench", 0),
+    "edgeproxy-backhaul": (f"http://{HTTP_APP}/", "remote.bench", 0),
+    "nginx-local": (f"http://{EDGE_HOST}:8081/", None, 0),
+    "nginx-remote": (f"http://{EDGE_HOST}:8082/", None, 0),
+    "haproxy-local": (f"http://{EDGE_HOST}:9081/", None, 0),
+    "haproxy-remote": (f"http://{EDGE_HOST}:9082/", None, 0),
+    "python-floor": (f"http://{EDGE_HOST}:9091/", None, 0),
+    "edgeproxy-local-post": (f"http://{HTTP_APP}/", "local.bench", POST_BYTES),
+    "nginx-local-post": (f"http://{EDGE_HOST}:8081/", None, POST_BYTES),
 }
+
+
+def _proxy_of(case: str) -> str:
+    """Which process group a case's CPU is read from (see ``procs`` in measure)."""
+    if case.startswith("edgeproxy-backhaul"):
+        return "edgeproxy-both"
+    for prefix in ("edgeproxy", "nginx", "haproxy", "python-floor"):
+        if case.startswith(prefix):
+            return prefix
+    raise BenchError(f"no process for case {case}")
 PYFLOOR = Path(__file__).with_name("pyfloor.py")
 
 
@@ -76,7 +98,8 @@ PROXY_HAPROXY = "\n".join([
 ])
 
 
-def _daemon(net: BenchNet, ns: str, name: str, role: str, host: str) -> Popen[bytes]:
+def _daemon(net: BenchNet, ns: str, name: str, role: str, host: str,
+            processes: int = 1) -> Popen[bytes]:
     d = net.dir / name
     d.mkdir(parents=True, exist_ok=True)
     ready = d / "ready"
@@ -89,6 +112,8 @@ def _daemon(net: BenchNet, ns: str, name: str, role: str, host: str) -> Popen[by
         "interfaces": [],
         "metrics": {"listen": "127.0.0.1:19109"},
         "ready_file": str(ready),
+        # As many HTTP processes as nginx has workers (one): the issue's comparison.
+        "http": {"processes": processes},
     }))
     log = d / "daemon.log"
     p = net.procs.spawn([str(VENV_PYTHON), "-m", "edgeproxy.daemon", "--config", str(cfg)],
@@ -148,13 +173,22 @@ def measure(result: Result, runs: int, quick: bool) -> None:
                      "haproxy": hap.pid}
             idle = {k: rss_kib(p)[0] for k, p in procs.items()}
             # warm-up: pools, backhaul connection
-            for url, host in CASES.values():
+            # The processes whose CPU a case costs, descendants included.
+            cpu_pids = {"edgeproxy": [ed.pid], "edgeproxy-both": [ed.pid, wd.pid],
+                        "nginx": [ngx.pid], "haproxy": [hap.pid], "python-floor": [floor.pid]}
+            for url, host, post in CASES.values():
                 hdr = (f"Host: {host}",) if host else ()
-                load.wrk(net.client, url, 1, 4, net.dir, headers=hdr)
+                load.wrk(net.client, url, 1, 4, net.dir, headers=hdr, post_bytes=post)
             for _ in range(runs):
-                for case, (url, host) in CASES.items():
+                for case, (url, host, post) in CASES.items():
                     hdr = (f"Host: {host}",) if host else ()
-                    w = load.wrk(net.client, url, secs, CONNS, net.dir, headers=hdr)
+                    pids = cpu_pids[_proxy_of(case)]
+                    before = cpu_seconds(pids)
+                    w = load.wrk(net.client, url, secs, CONNS, net.dir, headers=hdr,
+                                 post_bytes=post)
+                    used = cpu_seconds(pids) - before
+                    vals.setdefault((case, "cpu-per-req"), []).append(
+                        used * 1e6 / max(w.requests, 1))
                     vals.setdefault((case, "req-rate"), []).append(w.rate)
                     vals.setdefault((case, "p50"), []).append(w.p50_ms)
                     vals.setdefault((case, "p99"), []).append(w.p99_ms)
@@ -165,7 +199,12 @@ def measure(result: Result, runs: int, quick: bool) -> None:
                 for case, url, host in (
                         ("edgeproxy-local-h2c", f"http://{HTTP_APP}/", "local.bench"),
                         ("nginx-local-h2c", f"http://{EDGE_HOST}:8083/", None)):
+                    pids = cpu_pids[_proxy_of(case)]
+                    before = cpu_seconds(pids)
                     h = load.h2load(net.client, url, secs, CONNS, 10, host)
+                    used = cpu_seconds(pids) - before
+                    vals.setdefault((case, "cpu-per-req"), []).append(
+                        used * 1e6 / max(h.requests, 1))
                     vals.setdefault((case, "req-rate"), []).append(h.rate)
                     errors[case] = errors.get(case, 0) + h.errors
                     print(f"[bench] http {case}: {h.rate:,.0f} req/s errors {h.errors}",
@@ -184,30 +223,61 @@ def measure(result: Result, runs: int, quick: bool) -> None:
                 now, peak = rss_kib(p)
                 rss[k] = {"idle_mib": idle[k] / 1024, "peak_mib": peak / 1024,
                           "end_mib": now / 1024}
+            # processes=2 against 1: the same edge restarted with two HTTP processes
+            # (the load generator shares the same 2 cores: reported, no target).
+            net.procs.stop(ed)
+            pins.append(PIN_ROOT / f"bench-{os.getpid()}-hedge2")
+            ed2 = _daemon(net, net.edge, "hedge2", "both", "bench-edge", processes=2)
+            wait_for("edgeproxy (2 processes) listening on the app address",
+                     lambda: peers.listening(net, net.edge, HTTP_APP, 80), 15.0)
+            url, host, _ = CASES["edgeproxy-local"]
+            load.wrk(net.client, url, 1, 4, net.dir, headers=(f"Host: {host}",))
+            for _ in range(runs):
+                before = cpu_seconds([ed2.pid])
+                w = load.wrk(net.client, url, secs, CONNS, net.dir, headers=(f"Host: {host}",))
+                used = cpu_seconds([ed2.pid]) - before
+                vals.setdefault(("edgeproxy-local-2proc", "req-rate"), []).append(w.rate)
+                vals.setdefault(("edgeproxy-local-2proc", "p99"), []).append(w.p99_ms)
+                vals.setdefault(("edgeproxy-local-2proc", "cpu-per-req"), []).append(
+                    used * 1e6 / max(w.requests, 1))
+                errors["edgeproxy-local-2proc"] = (errors.get("edgeproxy-local-2proc", 0)
+                                                   + w.errors)
+                print(f"[bench] http edgeproxy-local-2proc: {w.rate:,.0f} req/s "
+                      f"errors {w.errors}", flush=True)
         finally:
             net.procs.stop_all()
             for pin in pins:  # the worker daemon's data plane (not attached anywhere)
                 shutil.rmtree(pin, ignore_errors=True)
 
     units = {"req-rate": ("req/s", "higher"), "p50": ("ms", "lower"), "p99": ("ms", "lower"),
-             "transfer": ("MB/s", "higher")}
+             "transfer": ("MB/s", "higher"), "cpu-per-req": ("us", "lower")}
     for (case, metric), vs in vals.items():
         unit, better = units[metric]
         result.rows.append(Row(case, metric, unit, vs, better=better,
                                extra={"errors": errors.get(case, 0)}).finish())
     order = list(units)
     result.rows.sort(key=lambda r: (order.index(r.metric), r.name))
+    # The HTTP engine issue's targets (same number of worker processes as nginx).
     relate(result.rows, "edgeproxy-local", "nginx-local", "req-rate", (">=", 0.9))
     relate(result.rows, "edgeproxy-local", "nginx-local", "p99", ("<=", 1.5))
-    relate(result.rows, "edgeproxy-backhaul", "nginx-remote", "req-rate", (">=", 0.9))
-    relate(result.rows, "edgeproxy-backhaul", "nginx-remote", "p99", ("<=", 1.5))
+    relate(result.rows, "edgeproxy-local-post", "nginx-local-post", "req-rate", (">=", 0.8))
+    relate(result.rows, "edgeproxy-backhaul", "nginx-remote", "req-rate", (">=", 0.5))
+    relate(result.rows, "edgeproxy-backhaul", "nginx-remote", "p99", ("<=", 2.0))
     relate(result.rows, "haproxy-local", "nginx-local", "req-rate")
     relate(result.rows, "haproxy-remote", "nginx-remote", "req-rate")
     relate(result.rows, "python-floor", "nginx-local", "req-rate")
-    relate(result.rows, "edgeproxy-local-h2c", "nginx-local-h2c", "req-rate")
-    relate(result.rows, "edgeproxy-local", "nginx-local", "transfer")
+    relate(result.rows, "edgeproxy-local-h2c", "nginx-local-h2c", "req-rate", (">=", 0.8))
+    relate(result.rows, "edgeproxy-local", "nginx-local", "cpu-per-req", ("<=", 1.2))
+    relate(result.rows, "edgeproxy-backhaul", "nginx-remote", "cpu-per-req", ("<=", 2.5))
+    relate(result.rows, "edgeproxy-local-post", "nginx-local-post", "cpu-per-req")
+    relate(result.rows, "edgeproxy-local-h2c", "nginx-local-h2c", "cpu-per-req")
+    relate(result.rows, "haproxy-local", "nginx-local", "cpu-per-req")
+    relate(result.rows, "python-floor", "nginx-local", "cpu-per-req")
+    relate(result.rows, "edgeproxy-local", "nginx-local", "transfer", (">=", 1.0))
     relate(result.rows, "edgeproxy-backhaul", "nginx-local", "transfer")
     relate(result.rows, "haproxy-local", "nginx-local", "transfer")
+    relate(result.rows, "edgeproxy-local-2proc", "edgeproxy-local", "req-rate")
+    relate(result.rows, "edgeproxy-local-2proc", "edgeproxy-local", "cpu-per-req")
     for k, v in rss.items():
         result.rows.append(Row(k, "peak RSS", "MiB", [v["peak_mib"]], better="lower",
                                notes=f"idle {v['idle_mib']:.1f} MiB, "
@@ -216,6 +286,13 @@ def measure(result: Result, runs: int, quick: bool) -> None:
     result.notes += [
         f"wrk -t1 -c{CONNS} -d{secs:.0f}s keep-alive; h2load -c{CONNS} -m10 -t1 "
         f"-D{secs:.0f}; cases interleaved in each run; errors summed over runs: {errors}.",
+        f"*-post: wrk POSTs of {POST_BYTES} bytes (Content-Length), keep-alive.",
+        "edgeproxy-local-2proc: the edge daemon restarted with http.processes = 2 "
+        "(SO_REUSEPORT, shared budgets) after the other cases; every other edgeproxy "
+        "case runs one HTTP process per daemon, as nginx runs one worker.",
+        "cpu-per-req: user + system CPU of the proxy's processes (and their children) "
+        "from /proc/<pid>/stat across each wrk/h2load run, over the requests it "
+        "completed; the backhaul case sums the edge and the worker daemon.",
         "One worker process each: edgeproxy is one asyncio process (uvloop); nginx "
         "worker_processes 1; HAProxy nbthread 1. The edgeproxy worker daemon (backhaul "
         "side) is a second process, as an nginx/HAProxy remote case has none.",

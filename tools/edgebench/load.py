@@ -38,10 +38,13 @@ class WrkResult:
 
 
 def wrk(ns: str, url: str, seconds: float, conns: int, workdir: Path,
-        headers: tuple[str, ...] = ()) -> WrkResult:
-    script = workdir / "epb.lua"
+        headers: tuple[str, ...] = (), post_bytes: int = 0) -> WrkResult:
+    """Keep-alive GETs, or POSTs of ``post_bytes`` each (Content-Length framed)."""
+    script = workdir / (f"epb-post{post_bytes}.lua" if post_bytes else "epb.lua")
     if not script.exists():
-        script.write_text(WRK_LUA)
+        prelude = (f'wrk.method = "POST"\nwrk.body = string.rep("x", {post_bytes})\n'
+                   if post_bytes else "")
+        script.write_text(prelude + WRK_LUA)
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
             "-s", str(script)]
     for h in headers:

@@ -10,11 +10,12 @@ from edgebench.common import REPO, RESULTS_DIR
 
 PAGE = REPO / "docs" / "BENCHMARKS.md"
 PLOTS = REPO / "docs" / "bench"
-ORDER = ("xdp", "tcp", "http", "scale", "scrape")
+ORDER = ("xdp", "tcp", "http", "h1core", "scale", "scrape")
 TITLES = {
     "xdp": "Fast path: per-packet cost (BPF_PROG_TEST_RUN)",
     "tcp": "Raw TCP through the edge (own namespaces: client → edge → worker)",
     "http": "HTTP through the edge",
+    "h1core": "The compiled HTTP/1 core beside its Python twins",
     "scale": "Control plane at 200,000 apps",
     "scrape": "/metrics scrape",
 }

@@ -39,6 +39,7 @@ REPLY_HEADER_HOOK = "x-lab-reply-header"
 DELAY_HOOK = b"x-lab-delay-ms"
 ECHO_HEADERS_HOOK = b"x-lab-echo-headers"
 MAX_DELAY_MS = 30_000
+IN_FLIGHT_HEADER = b"x-lab-in-flight"  # requests this machine had open when this one arrived
 BODY_ECHO_METHODS = (b"POST", b"PUT", b"PATCH")
 
 
@@ -154,6 +155,8 @@ def http_response(identity: Identity, request: h11.Request,
 class HttpConnection:
     """One client connection: h11 for HTTP/1.1 keep-alive, wsproto after an upgrade."""
 
+    in_flight = 0  # this machine process's requests being answered (health checks aside)
+
     def __init__(self, identity: Identity, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.identity = identity
@@ -198,26 +201,41 @@ class HttpConnection:
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed, or a PAUSED left over from an upgrade
             line = request_log_line(event)
-            if line is not None:
-                print(line, file=sys.stdout, flush=True)
-            body = await self._read_body()
-            if body is None:
-                too_big = h11.Response(status_code=413, headers=[(b"content-length", b"0")],
-                                       reason=b"Payload Too Large")
-                await self._send(too_big, h11.EndOfMessage())
-                return
-            if _is_websocket_upgrade(event):
-                await self._websocket(event)
-                return
-            status, headers, payload = http_response(self.identity, event, body)
-            delay = delay_of(event)
-            if delay:
-                await asyncio.sleep(delay)
-            await self._send(h11.Response(status_code=status, headers=headers, reason=b"OK"),
-                             h11.Data(data=payload), h11.EndOfMessage())
-            if self.conn.our_state is h11.MUST_CLOSE:
-                return
-            self.conn.start_next_cycle()
+            if line is None:
+                if not await self._answer(event, None):
+                    return
+                continue
+            print(line, file=sys.stdout, flush=True)
+            HttpConnection.in_flight += 1
+            try:
+                if not await self._answer(event, HttpConnection.in_flight):
+                    return
+            finally:
+                HttpConnection.in_flight -= 1
+
+    async def _answer(self, event: h11.Request, in_flight: int | None) -> bool:
+        """Answer one request; False when the connection is over."""
+        body = await self._read_body()
+        if body is None:
+            too_big = h11.Response(status_code=413, headers=[(b"content-length", b"0")],
+                                   reason=b"Payload Too Large")
+            await self._send(too_big, h11.EndOfMessage())
+            return False
+        if _is_websocket_upgrade(event):
+            await self._websocket(event)
+            return False
+        status, headers, payload = http_response(self.identity, event, body)
+        if in_flight is not None:
+            headers.append((IN_FLIGHT_HEADER, str(in_flight).encode()))
+        delay = delay_of(event)
+        if delay:
+            await asyncio.sleep(delay)
+        await self._send(h11.Response(status_code=status, headers=headers, reason=b"OK"),
+                         h11.Data(data=payload), h11.EndOfMessage())
+        if self.conn.our_state is h11.MUST_CLOSE:
+            return False
+        self.conn.start_next_cycle()
+        return True
 
     async def _websocket(self, request: h11.Request) -> None:
         ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)

@@ -3,7 +3,8 @@
 Sans-IO cores (``framing``, ``headers``, ``routes``, ``targeting``, ``admission``,
 ``bodies``) are plain functions and state machines; the asyncio shell
 (``h2session``, ``machines``, ``backhaul``, ``frontend_h1``, ``frontend_h2``,
-``forward``, ``server``) moves bytes. See docs/DESIGN.md, "HTTP slow path".
+``forward``, ``server``) moves bytes; HTTP/2 itself is libnghttp2 behind the
+sans-IO ``_nghttp2`` session. See docs/DESIGN.md, "HTTP slow path".
 """
 
 from __future__ import annotations

@@ -22,12 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from h2.errors import ErrorCodes
-
 from edgeproxy.proxy import headers as h
 from edgeproxy.proxy.bodies import BodyReader, ReplayableBody, read_ready, trailers_of
 from edgeproxy.proxy.cpushare import CpuMeter
-from edgeproxy.proxy.h2session import H2Session, H2Stream, StreamReset
+from edgeproxy.proxy.h2session import ErrorCodes, H2Session, H2Stream, StreamReset
 from edgeproxy.proxy.machines import MachinePool, MachineRequest
 from edgeproxy.proxy.responses import forwarded_informational
 from edgeproxy.proxy.routes import RouteMap
@@ -436,28 +434,59 @@ class WorkerContext:
 
 async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
     """Deliver one backhauled request to a machine on this host and stream it back."""
+    prepared = prepare_delivery(stream, ctx)
+    if prepared is None:
+        return
+    backend, request = prepared
+    try:
+        response = await ctx.machines.exchange(
+            str(backend.address), backend.port, request, ctx.response_timeout
+        )
+    except ConnectFailed:
+        answer_error(stream, 502, b"connect")
+        return
+    except UpstreamTimeout:
+        answer_error(stream, 504, b"timeout")
+        return
+    except (UpstreamError, ClientBodyError):
+        answer_error(stream, 502, b"reset")
+        return
+    try:
+        await _relay_response(stream, response, request.method, request.websocket, ctx)
+    except (StreamReset, UpstreamError, ConnectionError, OSError):
+        stream.reset()
+    finally:
+        await response.aclose()
+
+
+def prepare_delivery(
+    stream: H2Stream, ctx: WorkerContext
+) -> tuple[Backend, MachineRequest] | None:
+    """The machine and the request it gets for a backhaul stream, after every check
+    (the task path and the callback path, workerlane.py, share it); None when the
+    stream was answered with an error already."""
     raw = stream.headers.result()
     pseudo = {n: v for n, v in raw if n.startswith(b":")}
     fields = [(n, v) for n, v in raw if not n.startswith(b":")]
     target = h.header_value(fields, h.TARGET) or b""
     backend = _local_backend(ctx, target)
     if backend is None:
-        _answer_error(stream, 502, b"connect")
-        return
+        answer_error(stream, 502, b"connect")
+        return None
     if ctx.cpu is not None:
         ctx.cpu.tag(backend.app)
     websocket = pseudo.get(b":method") == b"CONNECT" and pseudo.get(b":protocol") == b"websocket"
     method = b"GET" if websocket else pseudo.get(b":method", b"GET")
     content_length = h.header_value(fields, b"content-length")
     if content_length is not None and not content_length.isdigit():
-        _answer_error(stream, 400, b"bad-request")
-        return
+        answer_error(stream, 400, b"bad-request")
+        return None
     # The backhaul session skips h2's inbound header checks (cost); what they guarded
     # is enforced here: names must be tokens, no hop-by-hop or framing field passes
     # (we frame the request ourselves), and machines.serialize_head refuses CR/LF/NUL.
     if not _names_ok(fields):
-        _answer_error(stream, 400, b"bad-request")
-        return
+        answer_error(stream, 400, b"bad-request")
+        return None
     delivered = [(b"host", pseudo.get(b":authority", b""))] + [
         (n, v) for n, v in fields if n not in _NOT_DELIVERED and n not in h.HOP_BY_HOP
     ]
@@ -465,10 +494,7 @@ async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
     body = ReplayableBody(_StreamReader(stream), limit=64 * 1024) if has_body else None
 
     def informational(status: int, reason: bytes, headers: Headers) -> None:
-        # The machine's 1xx travels on as an informational HEADERS frame (no
-        # END_STREAM); the edge decides whether its client gets it.
-        with contextlib.suppress(StreamReset):
-            stream.send_headers(status_fields(status, h.strip_hop_by_hop(headers)))
+        relay_informational(stream, status, headers)
 
     request = MachineRequest(
         method=method,
@@ -479,25 +505,14 @@ async def serve_backhaul_stream(stream: H2Stream, ctx: WorkerContext) -> None:
         websocket=websocket,
         informational=informational,
     )
-    try:
-        response = await ctx.machines.exchange(
-            str(backend.address), backend.port, request, ctx.response_timeout
-        )
-    except ConnectFailed:
-        _answer_error(stream, 502, b"connect")
-        return
-    except UpstreamTimeout:
-        _answer_error(stream, 504, b"timeout")
-        return
-    except (UpstreamError, ClientBodyError):
-        _answer_error(stream, 502, b"reset")
-        return
-    try:
-        await _relay_response(stream, response, method, websocket, ctx)
-    except (StreamReset, UpstreamError, ConnectionError, OSError):
-        stream.reset()
-    finally:
-        await response.aclose()
+    return backend, request
+
+
+def relay_informational(stream: H2Stream, status: int, headers: Headers) -> None:
+    """The machine's 1xx travels on as an informational HEADERS frame (no
+    END_STREAM); the edge decides whether its client gets it."""
+    with contextlib.suppress(StreamReset):
+        stream.send_headers(status_fields(status, h.strip_hop_by_hop(headers)))
 
 
 _NOT_DELIVERED = frozenset({h.TARGET, h.APP, b"content-length", b"host"})
@@ -575,7 +590,7 @@ def _trailers(body: BodyReader) -> Headers | None:
     return h.forwardable_trailers(trailers_of(body)) or None
 
 
-def _answer_error(stream: H2Stream, status: int, kind: bytes) -> None:
+def answer_error(stream: H2Stream, status: int, kind: bytes) -> None:
     with contextlib.suppress(StreamReset):
         stream.send_headers(
             [

@@ -31,43 +31,38 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from edgeproxy.proxy import headers as h
+from edgeproxy.proxy._http1 import MAX_HEAD, UnsendableRequest, client_head, forward_head
 from edgeproxy.proxy.bodies import read_ready
 from edgeproxy.proxy.cpushare import CpuMeter
 from edgeproxy.proxy.forward import (
+    IDEMPOTENT,
     ConnectionLeases,
     Forwarder,
     PriorAttempt,
     address_text,
     error_response,
 )
-from edgeproxy.proxy.framing import (
-    MAX_HEAD,
-    HttpError,
-    RequestHead,
-    check_incomplete_head,
-    parse_head,
-)
+from edgeproxy.proxy.framing import check_incomplete_head, parse_head
 from edgeproxy.proxy.frontend_h1 import (
     ClientTimeouts,
     H1Connection,
     head_bytes,
     response_end_chunk,
-    response_framing,
 )
 from edgeproxy.proxy.frontend_h2 import PREFACE, H2ClientConnection
-from edgeproxy.proxy.machines import MachineRequest, UnsendableRequest, serialize_head
-from edgeproxy.proxy.responses import (
+from edgeproxy.proxy.messages import (
     END,
     NEED_DATA,
     Data,
+    HttpError,
+    RequestHead,
     ResponseError,
     ResponseHead,
-    ResponseParser,
-    forwarded_informational,
 )
+from edgeproxy.proxy.responses import ResponseParser, forwarded_informational
 from edgeproxy.proxy.routes import RouteMap
 from edgeproxy.proxy.targeting import candidate_tables, parse_replay, parse_routing_hints
 from edgeproxy.routing import Backend, ServiceTable
@@ -77,7 +72,10 @@ log = logging.getLogger(__name__)
 # Client bytes buffered before the socket stops being read (pipelined requests, or
 # a body the general path has not consumed yet): the kernel's buffers hold the rest.
 HIGH_WATER = 256 * 1024
-PLAIN_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
+# A Content-Length body up to this size that is buffered whole with its head rides
+# the lane with it (one write to the machine); a larger one, a chunked one, or one
+# still arriving is the general path's (it streams bodies, with its own timeouts).
+LANE_BODY = 64 * 1024
 # Fields that make a request the general path's: it answers Expect and tunnels Upgrade.
 _GENERAL_FIELDS = frozenset({b"expect", b"upgrade", b"http2-settings"})
 # Sweeper period bounds: deadlines are checked this often (a quarter of the shortest
@@ -117,6 +115,9 @@ class FastLane:
         self.pool = UpstreamPool(self)
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Other callback-driven exchanges whose deadlines the sweeper checks (the
+        # worker's backhaul streams, workerlane.py): anything with check_deadline(now).
+        self.watched: set[Any] = set()
         # Requests served by the lane itself, and handed to the general path.
         self.lane_requests = 0
         self.general_requests = 0
@@ -173,6 +174,8 @@ class FastLane:
         try:
             for conn in list(self.connections):
                 conn.check_deadlines(now)
+            for watched in list(self.watched):
+                watched.check_deadline(now)
             self.pool.prune(now)
         finally:
             self._sweeper = loop.call_later(self.tick, self._sweep)
@@ -195,6 +198,9 @@ class ClientConnection(asyncio.Protocol):
         self.leases = ConnectionLeases()
         self.client = h.ClientInfo(ip="", scheme="http", local_port=0, protocol=b"1.1")
         self.local_address = ""
+        # What forward_head adds for this connection, as bytes, made once:
+        # (client ip, scheme, local port, protocol for Via, edge region).
+        self.forwarding: tuple[bytes, bytes, bytes, bytes, bytes] = (b"", b"", b"", b"", b"")
         self._read_paused = False
         self.write_paused = False
         self._reader_waiter: asyncio.Future[None] | None = None
@@ -213,6 +219,14 @@ class ClientConnection(asyncio.Protocol):
             ip=str(peer[0]), scheme="http", local_port=int(local[1]), protocol=b"1.1"
         )
         self.local_address = str(local[0])
+        c = self.client
+        self.forwarding = (
+            c.ip.encode(),
+            c.scheme.encode(),
+            str(c.local_port).encode(),
+            c.protocol,
+            self.lane.settings.region.encode(),
+        )
         self.lane.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -296,12 +310,32 @@ class ClientConnection(asyncio.Protocol):
         if not _plain(head):
             self.general()
             return
-        del buf[: end + 4]
+        raw: bytes | None = None
+        if head.has_body:
+            total = end + 4 + (head.content_length or 0)
+            if head.chunked or total - end - 4 > LANE_BODY or len(buf) < total:
+                self.general()
+                return
+            raw = bytes(buf[:total])
+            del buf[:total]
+        else:
+            del buf[: end + 4]
         self.first = False
         self.head_started = False
-        self._start(head)
+        self._start(head, raw, end + 4)
 
-    def _start(self, head: RequestHead) -> None:
+    def _handover(self, head: RequestHead, raw: bytes | None, prior: PriorAttempt | None) -> None:
+        """The general path takes this request: a bodiless head as parsed, a request
+        with a body as its bytes again (the general path reads and replays bodies)."""
+        if raw is None:
+            self.general(head, prior)
+        else:
+            self.buffer[:0] = raw
+            self.general(None, prior)
+
+    def _start(self, head: RequestHead, raw: bytes | None, body_at: int) -> None:
+        """Route, admit and send one request; ``raw``: the whole request's bytes when
+        it carries a body, which starts at ``body_at``."""
         lane = self.lane
         forwarder = lane.forwarder
         started = time.monotonic()
@@ -311,42 +345,39 @@ class ClientConnection(asyncio.Protocol):
         routes = lane.routes()
         table = routes.resolve(host, self.local_address, self.client.local_port)
         if table is None or not lane.cpu.admit(table.app):
-            self.general(head)  # 404, or wait for the app's CPU turn
+            self._handover(head, raw, None)  # 404, or wait for the app's CPU turn
             return
         try:
             hints = parse_routing_hints(head.headers)
         except HttpError:
-            self.general(head)
+            self._handover(head, raw, None)
             return
         tables = candidate_tables(table, hints)
         backend = forwarder.try_slot(table, tables, self.leases)
         if backend is None:
-            self.general(head)  # no machine (503) or the app's queue
+            self._handover(head, raw, None)  # no machine (503) or the app's queue
             return
         target = lane.target(routes, backend)
         if target is None:
             forwarder.drop_slot(table, backend, self.leases)
-            self.general(head)  # over the backhaul
+            self._handover(head, raw, None)  # over the backhaul
             return
         request_id = h.new_request_id()
-        others = []
-        for field in head.headers:
-            if field[0] != b"host":
-                others.append(field)
-        fields = h.forward_request_headers(others, self.client, lane.settings.region, request_id)
-        if host is not None:
-            fields.insert(0, (b"host", host))
         try:
-            wire = serialize_head(MachineRequest(head.method, head.target, fields, None))
+            if raw is None:
+                wire = forward_head(head, *self.forwarding, request_id)
+            else:
+                length = len(raw) - body_at
+                wire = forward_head(head, *self.forwarding, request_id, length) + raw[body_at:]
         except UnsendableRequest:
             forwarder.drop_slot(table, backend, self.leases)
-            self.general(head)
+            self._handover(head, raw, None)
             return
-        exchange = _Exchange(self, head, table, backend, target, request_id, wire, started)
+        exchange = _Exchange(self, head, raw, table, backend, target, request_id, wire, started)
         lane.lane_requests += 1
         self.exchange = exchange
         self.state = _EXCHANGE
-        lane.pool.send(exchange)
+        lane.pool.send(exchange, self.loop.time())
         if timed:
             lane.cpu.charge(table.app, perf_counter() - clock)
 
@@ -527,10 +558,15 @@ class ConnectionStreams:
 
 
 def _plain(head: RequestHead) -> bool:
-    """A request the lane serves itself (everything else: the general path)."""
-    if head.method not in PLAIN_METHODS or head.has_body or head.target[:1] != b"/":
+    """A request the lane may serve itself, if its body (if any) is small and here:
+    origin form, nothing that asks for an answer of ours (Expect) or a tunnel."""
+    if head.target[:1] != b"/":
         return False
-    return all(name not in _GENERAL_FIELDS for name, _ in head.headers)
+    # A loop, not all(<genexpr>): a generator per request showed in profiles.
+    for name, _ in head.headers:  # noqa: SIM110
+        if name in _GENERAL_FIELDS:
+            return False
+    return True
 
 
 def error_bytes(status: int, request_id: bytes, detail: str, close: bool = True) -> bytes:
@@ -546,6 +582,7 @@ class _Exchange:
     """One plain request on its way to a machine and its response on the way back."""
 
     __slots__ = (
+        "app",
         "backend",
         "chunked",
         "client",
@@ -553,9 +590,12 @@ class _Exchange:
         "head",
         "keep",
         "key",
+        "method",
+        "raw",
         "replied",
         "request_id",
         "reused",
+        "sent",
         "started",
         "status",
         "table",
@@ -567,6 +607,7 @@ class _Exchange:
         self,
         client: ClientConnection,
         head: RequestHead,
+        raw: bytes | None,
         table: ServiceTable,
         backend: Backend,
         key: tuple[str, int],
@@ -576,6 +617,9 @@ class _Exchange:
     ) -> None:
         self.client = client
         self.head = head
+        self.method = head.method
+        self.app = table.app
+        self.raw = raw  # the whole request, when it has a body (for a handover)
         self.table = table
         self.backend = backend
         self.key = key  # the machine's (address, port)
@@ -584,12 +628,23 @@ class _Exchange:
         self.started = started
         self.upstream: UpstreamConnection | None = None
         self.reused = False
+        self.sent = False  # the request was written to a machine connection
         self.replied = False  # the response head went to the client
         self.status = 0
         self.chunked = False
         self.keep = False
         lane = client.lane
         self.deadline = client.loop.time() + lane.settings.response_timeout
+
+    # -- PooledExchange ------------------------------------------------------------------
+    def active(self) -> bool:
+        return self.client.exchange is self
+
+    def paused_out(self) -> bool:
+        return self.client.write_paused
+
+    def connect_failed(self, reason: str) -> None:
+        self.fail(reason)
 
     # -- from the machine -------------------------------------------------------------
     def pump(self, parser: ResponseParser) -> None:
@@ -608,9 +663,13 @@ class _Exchange:
                     if event.status < 200:  # the only test a plain response pays
                         self._interim(event, out)
                         continue  # the final response follows
-                    if self._replay(event, out):
-                        return
-                    out.append(self._response_head(event))
+                    wire = self._response_head(event)
+                    if wire is None:  # a replay directive: followed, or ignored
+                        if self._replay(event, out):
+                            return
+                        wire = self._response_head(event, check_replay=False)
+                        assert wire is not None
+                    out.append(wire)
                 else:
                     assert event is END
                     if self.chunked:
@@ -627,14 +686,16 @@ class _Exchange:
             client.write(b"".join(out))
         self.deadline = client.loop.time() + client.lane.settings.read_timeout
 
-    def _response_head(self, event: ResponseHead) -> bytes:
-        fields = h.client_response_headers(event.headers, self.request_id)
-        framing = response_framing(self.head, event.status, fields, close=False)
+    def _response_head(self, event: ResponseHead, check_replay: bool = True) -> bytes | None:
+        """The client's head for the machine's final ``event``; None if it carries
+        a replay directive (looked at by ``_replay``)."""
+        made = client_head(event, self.head, self.request_id, False, check_replay)
+        if made is None:
+            return None
+        wire, self.chunked, self.keep = made
         self.status = event.status
-        self.chunked = framing.chunked
-        self.keep = framing.keep
         self.replied = True
-        return head_bytes(event.status, event.reason, framing.headers)
+        return wire
 
     def _interim(self, event: ResponseHead, out: list[bytes]) -> None:
         """A 1xx before the final head: passed on to an HTTP/1.1 client with the same
@@ -679,12 +740,18 @@ class _Exchange:
             return
         if stale and self.reused and not self.replied:
             # Keep-alive race: the machine closed the pooled connection as we reused
-            # it. Resend once on a fresh connection (the request has no body).
+            # it, before a byte of the answer. Resend once on a fresh connection (as
+            # the general path does; the lane holds the whole body).
             self._release_upstream(reusable=False)
+            self.sent = False
             self.client.lane.pool.connect(self)
             return
         if not self.replied:
             self._release_upstream(reusable=False)
+            if self.sent and self.head.method not in IDEMPOTENT:
+                # The machine may have acted on it: never sent twice (duplicate writes).
+                self._answer(502, f"machine failed after the request was sent: {reason}")
+                return
             self._handover(PriorAttempt(self.backend.machine_id))
             return
         # Part of the response is out: the client learns of the failure by the close.
@@ -696,22 +763,26 @@ class _Exchange:
         client = self.client
         client.lane.forwarder.drop_slot(self.table, self.backend, client.leases)
         client.exchange = None
-        client.general(self.head, prior)
+        client._handover(self.head, self.raw, prior)
+
+    def _answer(self, status: int, detail: str) -> None:
+        """Answer the client with an error of ours; the connection stays if it may."""
+        client = self.client
+        lane = client.lane
+        lane.forwarder.drop_slot(self.table, self.backend, client.leases)
+        lane.counters.response(self.table.app, status, time.monotonic() - self.started)
+        client.write(error_bytes(status, self.request_id, detail, False))
+        client.exchange_done(self.head.keep_alive)
 
     def check_deadline(self, now: float) -> None:
         if now <= self.deadline:
             return
-        client = self.client
         if self.replied:
             self.fail("machine body read timed out")
             return
         # No response head in time: 504, as the general path answers it.
         self._release_upstream(reusable=False)
-        lane = client.lane
-        lane.forwarder.drop_slot(self.table, self.backend, client.leases)
-        lane.counters.response(self.table.app, 504, time.monotonic() - self.started)
-        client.write(error_bytes(504, self.request_id, "machine did not answer in time", False))
-        client.exchange_done(self.head.keep_alive)
+        self._answer(504, "machine did not answer in time")
 
     def abort(self) -> None:
         """The client left, or the exchange is given up: nothing goes back to the pool."""
@@ -740,6 +811,33 @@ class _Exchange:
             self.upstream.resume()
 
 
+class PooledExchange(Protocol):
+    """What an ``UpstreamConnection`` serves: the lane's ``_Exchange`` (to a client
+    connection) and the worker's ``workerlane.StreamExchange`` (to a backhaul stream)."""
+
+    key: tuple[str, int]  # the machine's (address, port)
+    wire: bytes  # the whole request
+    method: bytes  # frames the response (HEAD has no body)
+    app: str  # CPU time is charged to it
+    upstream: UpstreamConnection | None
+    reused: bool
+    sent: bool
+
+    def active(self) -> bool:
+        """Still wants a connection (its client or stream did not go away)."""
+        ...
+
+    def paused_out(self) -> bool:
+        """Whoever takes the response cannot take more now (machine not read)."""
+        ...
+
+    def pump(self, parser: ResponseParser) -> None: ...
+
+    def fail(self, reason: str, stale: bool = False) -> None: ...
+
+    def connect_failed(self, reason: str) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive HTTP/1.1 connection to one machine, serving one exchange at a time."""
 
@@ -748,7 +846,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.parser = ResponseParser()
-        self.exchange: _Exchange | None = None
+        self.exchange: PooledExchange | None = None
         self.idle_since = 0.0
         self.lost = False
         self.paused = False
@@ -757,14 +855,15 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
-    def start(self, exchange: _Exchange, reused: bool) -> None:
+    def start(self, exchange: PooledExchange, reused: bool) -> None:
         self.exchange = exchange
         exchange.upstream = self
         exchange.reused = reused
+        exchange.sent = True
         self.received = False
-        self.parser.start(exchange.head.method)
+        self.parser.start(exchange.method)
         assert self.transport is not None
-        if exchange.client.write_paused:
+        if exchange.paused_out():
             self.pause()
         self.transport.write(exchange.wire)
 
@@ -779,7 +878,7 @@ class UpstreamConnection(asyncio.Protocol):
         if lane.cpu.busy:
             clock = perf_counter()
             exchange.pump(self.parser)
-            lane.cpu.charge(exchange.table.app, perf_counter() - clock)
+            lane.cpu.charge(exchange.app, perf_counter() - clock)
         else:
             exchange.pump(self.parser)
 
@@ -829,17 +928,17 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per machine, for the lane's exchanges."""
+    """Idle keep-alive connections per machine, for the lane's exchanges and the
+    worker's backhaul streams (one pool per process, callback-driven)."""
 
     def __init__(self, lane: FastLane) -> None:
         self.lane = lane
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
 
-    def send(self, exchange: _Exchange) -> None:
+    def send(self, exchange: PooledExchange, now: float) -> None:
         key = exchange.key
         conns = self._idle.get(key)
         if conns:
-            now = exchange.client.loop.time()
             while conns:
                 up = conns.pop()
                 if up.usable(now):
@@ -848,10 +947,10 @@ class UpstreamPool:
                 up.close()
         self.connect(exchange)
 
-    def connect(self, exchange: _Exchange) -> None:
+    def connect(self, exchange: PooledExchange) -> None:
         self.lane.spawn(self._connect(exchange))
 
-    async def _connect(self, exchange: _Exchange) -> None:
+    async def _connect(self, exchange: PooledExchange) -> None:
         loop = asyncio.get_running_loop()
         address, port = key = exchange.key
         try:
@@ -860,9 +959,9 @@ class UpstreamPool:
                     lambda: UpstreamConnection(self, key), address, port
                 )
         except (OSError, TimeoutError) as exc:
-            exchange.fail(f"cannot connect to {address}:{port}: {exc!r}")
+            exchange.connect_failed(f"cannot connect to {address}:{port}: {exc!r}")
             return
-        if exchange.client.exchange is not exchange:
+        if not exchange.active():
             self.put_idle(up, loop.time())  # the client left meanwhile
             return
         up.start(exchange, reused=False)

@@ -16,8 +16,8 @@ from edgeproxy.proxy.admission import Admission, QueueFull
 from edgeproxy.proxy.backhaul import BackhaulClient, BackhaulRequest
 from edgeproxy.proxy.bodies import BodyReader, BytesBody, ReplayableBody
 from edgeproxy.proxy.cpushare import CpuMeter
-from edgeproxy.proxy.framing import HttpError
 from edgeproxy.proxy.machines import MachinePool, MachineRequest
+from edgeproxy.proxy.messages import HttpError
 from edgeproxy.proxy.routes import RouteMap
 from edgeproxy.proxy.stats import ProxyCounters
 from edgeproxy.proxy.targeting import (

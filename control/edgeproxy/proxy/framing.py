@@ -13,16 +13,29 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-# A request line longer than this is 414; a head (line + headers) longer is 431.
-MAX_REQUEST_LINE = 8 * 1024
-MAX_HEAD = 32 * 1024
-MAX_HEADERS = 100
+# The head limits live with the compiled parser, which enforces them on the live path.
+from edgeproxy.proxy._http1 import (
+    MAX_CONTENT_LENGTH_DIGITS,
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+)
+from edgeproxy.proxy._http1 import parse_head as parse_head
+from edgeproxy.proxy.messages import (
+    END,
+    NEED_DATA,
+    Data,
+    EndOfMessage,
+    HttpError,
+    NeedData,
+    RequestHead,
+)
+
 # A chunk-size line (size + extensions) longer than this is malformed, not a big chunk.
 MAX_CHUNK_LINE = 1024
 MAX_TRAILERS = 8 * 1024
 # 16 hex digits = 2**64 - 1; anything longer can only be an attack.
 MAX_CHUNK_SIZE_DIGITS = 16
-MAX_CONTENT_LENGTH_DIGITS = 18
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # field-value: VCHAR, obs-text, SP and HTAB inside; no CTLs (this also bans bare CR/LF).
@@ -47,53 +60,6 @@ _FRAMING_FIELDS = frozenset(
 _DIGITS = re.compile(rb"[0-9]+")
 
 
-class HttpError(Exception):
-    """A request we refuse; ``status`` is what the client gets before we close."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(slots=True)
-class RequestHead:
-    method: bytes
-    target: bytes
-    http_version: bytes  # b"1.1" or b"1.0"
-    headers: list[tuple[bytes, bytes]]  # names lower-cased, order kept
-    content_length: int | None = None
-    chunked: bool = False
-    keep_alive: bool = True
-    expect_continue: bool = False
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of ``name`` (lower-case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
-
-
-@dataclass(frozen=True, slots=True)
-class Data:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class EndOfMessage:
-    pass
-
-
-class NeedData:
-    """More bytes are needed before the next event."""
-
-
-NEED_DATA = NeedData()
 Event = RequestHead | Data | EndOfMessage
 
 
@@ -213,9 +179,12 @@ def check_incomplete_head(buffer: bytes | bytearray) -> None:
         raise HttpError(431, "request head too large")
 
 
-def parse_head(block: bytes) -> RequestHead:
+def reference_parse_head(block: bytes) -> RequestHead:
     """A whole request head (request line and fields, without the blank line),
-    validated and with its framing decided; HttpError for anything malformed."""
+    validated and with its framing decided; HttpError for anything malformed.
+
+    The readable specification of ``parse_head`` (the compiled ``_http1`` twin that
+    serves requests); tests hold the two equal."""
     lines = _split_head_lines(block)
     if len(lines[0]) > MAX_REQUEST_LINE:
         raise HttpError(414, "request line too long")
@@ -293,7 +262,7 @@ class RequestParser:
             return self._read_trailers()
         if state == "done_pending":
             self._state = "done"
-            return EndOfMessage()
+            return END
         return NEED_DATA
 
     def _read_head(self) -> RequestHead | NeedData:
@@ -323,7 +292,7 @@ class RequestParser:
     def _read_length_body(self) -> Data | EndOfMessage | NeedData:
         if self._remaining == 0:
             self._state = "done"
-            return EndOfMessage()
+            return END
         if not self.buffer:
             return NEED_DATA
         take = min(self._remaining, len(self.buffer))
@@ -380,7 +349,7 @@ class RequestParser:
         if self.buffer.startswith(b"\r\n"):
             del self.buffer[:2]
             self._state = "done"
-            return EndOfMessage()
+            return END
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             if _BARE_LF.search(self.buffer) or len(self.buffer) > MAX_TRAILERS:
@@ -392,4 +361,4 @@ class RequestParser:
         del self.buffer[: end + 4]
         self.trailers = tuple(parse_header_lines(_split_head_lines(trailer_bytes)))
         self._state = "done"
-        return EndOfMessage()
+        return END

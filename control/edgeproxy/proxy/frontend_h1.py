@@ -20,13 +20,8 @@ from edgeproxy.proxy.forward import (
     ProxyResponse,
     error_response,
 )
-from edgeproxy.proxy.framing import (
-    Data,
-    EndOfMessage,
-    HttpError,
-    RequestHead,
-    RequestParser,
-)
+from edgeproxy.proxy.framing import RequestParser
+from edgeproxy.proxy.messages import Data, EndOfMessage, HttpError, RequestHead
 from edgeproxy.proxy.streams import ByteReader, ByteWriter
 from edgeproxy.proxy.upstream import ClientBodyError, SocketTunnel, UpstreamError, splice
 
@@ -143,7 +138,7 @@ class H1Connection:
         try:
             if head is not None:
                 return await self._serve_parsed(head, None, prior)
-            keep = await self._serve_one()
+            keep = await self._serve_one(prior)
             if keep:
                 self.parser.next_request()
             return keep
@@ -178,8 +173,10 @@ class H1Connection:
                 return None
             self.parser.feed(data)
 
-    async def _serve_one(self) -> bool:
-        """Serve one request; True to keep the connection for the next one."""
+    async def _serve_one(self, prior: PriorAttempt | None = None) -> bool:
+        """Serve one request; True to keep the connection for the next one.
+        ``prior``: the fast lane's attempt at this request (it hands a request with a
+        body back as bytes, to be read again here)."""
         try:
             head = await self._read_head()
         except HttpError as exc:
@@ -203,7 +200,7 @@ class H1Connection:
         else:
             end = self.parser.next_event()
             assert isinstance(end, EndOfMessage)
-        return await self._serve_parsed(head, body)
+        return await self._serve_parsed(head, body, prior)
 
     async def _serve_parsed(
         self, head: RequestHead, body: _ClientBody | None, prior: PriorAttempt | None = None

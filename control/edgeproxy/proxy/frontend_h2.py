@@ -8,9 +8,6 @@ import contextlib
 import re
 import secrets
 
-import h2.exceptions
-from h2.errors import ErrorCodes
-
 from edgeproxy.proxy import headers as h
 from edgeproxy.proxy.backhaul import StreamTunnel, send_body, status_fields
 from edgeproxy.proxy.forward import (
@@ -21,7 +18,15 @@ from edgeproxy.proxy.forward import (
     error_response,
 )
 from edgeproxy.proxy.frontend_h1 import ClientTimeouts
-from edgeproxy.proxy.h2session import H2Session, H2Stream, Headers, StreamReset
+from edgeproxy.proxy.h2session import (
+    CLIENT_LIMITS,
+    ErrorCodes,
+    H2Limits,
+    H2Session,
+    H2Stream,
+    Headers,
+    StreamReset,
+)
 from edgeproxy.proxy.streams import ByteReader, ByteWriter
 from edgeproxy.proxy.upstream import ClientBodyError, Informational, UpstreamError, splice
 
@@ -131,7 +136,7 @@ def _informational(stream: H2Stream) -> Informational:
     END_STREAM) before the final one."""
 
     def send(status: int, reason: bytes, headers: Headers) -> None:
-        with contextlib.suppress(StreamReset, h2.exceptions.ProtocolError):
+        with contextlib.suppress(StreamReset):
             stream.send_headers(status_fields(status, headers))
 
     return send
@@ -147,6 +152,7 @@ class H2ClientConnection:
         local_address: str,
         timeouts: ClientTimeouts,
         first_bytes: bytes,
+        limits: H2Limits | None = None,
     ) -> None:
         self.forwarder = forwarder
         self.client = client
@@ -165,6 +171,8 @@ class H2ClientConnection:
             preface_already_read=first_bytes,
             validate_inbound=False,  # malformed_request() instead, per stream
             enable_connect_protocol=True,  # RFC 8441: WebSockets over HTTP/2
+            limits=limits or CLIENT_LIMITS,
+            on_abuse=forwarder.counters.http2_abuse_seen,
         )
 
     async def serve(self) -> None:

@@ -111,7 +111,10 @@ def forward_request_headers(
             prior_xff.append(value)
         elif name == b"via":
             prior_via.append(value)
-        elif name != b"expect":  # the edge answers 100-continue itself
+        elif name != b"expect" and name != b"content-length":
+            # The edge answers 100-continue itself, and frames the body it forwards
+            # itself (serialize_head, the backhaul): the client's length would be a
+            # second Content-Length, which strict machines refuse.
             kept.append((name, value))
     ip = client.ip.encode()
     kept.append((b"x-forwarded-for", b", ".join([*prior_xff, ip])))

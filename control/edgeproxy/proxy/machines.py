@@ -17,17 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeproxy.proxy import headers as h
+from edgeproxy.proxy._http1 import UnsendableRequest as UnsendableRequest
 from edgeproxy.proxy.bodies import BodyReader, ReplayableBody, trailers_of
-from edgeproxy.proxy.responses import (
-    END,
-    NEED_DATA,
-    NO_TRAILERS,
-    Data,
-    ResponseError,
-    ResponseHead,
-    ResponseParser,
-    forwarded_informational,
-)
+from edgeproxy.proxy.messages import END, NEED_DATA, Data, ResponseError, ResponseHead
+from edgeproxy.proxy.responses import NO_TRAILERS, ResponseParser, forwarded_informational
 from edgeproxy.proxy.upstream import (
     ClientBodyError,
     ConnectFailed,
@@ -73,10 +66,6 @@ class _Conn:
 
 class _StaleConnection(Exception):
     """A pooled connection was closed by the machine before it answered."""
-
-
-class UnsendableRequest(Exception):
-    """The request cannot be written as HTTP/1.1 (a CR, LF or NUL in a field)."""
 
 
 def serialize_head(request: MachineRequest) -> bytes:

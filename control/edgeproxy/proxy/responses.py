@@ -15,9 +15,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-MAX_HEAD = 64 * 1024
+from edgeproxy.proxy._http1 import MAX_RESPONSE_HEAD as MAX_HEAD
+from edgeproxy.proxy._http1 import response_head
+from edgeproxy.proxy.messages import (
+    END,
+    NEED_DATA,
+    Data,
+    EndOfMessage,
+    NeedData,
+    ResponseError,
+    ResponseHead,
+)
+
 MAX_CHUNK_LINE = 1024
 MAX_TRAILERS = 64 * 1024
 # Interim responses allowed before the final one: a machine must not be able to keep
@@ -36,34 +46,6 @@ _FIELD_LINE = re.compile(
 )
 _FRAMING = frozenset({b"connection", b"transfer-encoding", b"content-length"})
 
-
-class ResponseError(Exception):
-    """The machine's bytes are not a valid HTTP/1.1 response."""
-
-
-@dataclass(slots=True)
-class ResponseHead:
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]  # names lower-cased, order kept
-    http_version: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Data:
-    data: bytes
-
-
-class _End:
-    pass
-
-
-class _Need:
-    pass
-
-
-END = _End()
-NEED_DATA = _Need()
 
 # states
 _HEAD, _LENGTH, _CHUNK_SIZE_S, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -130,7 +112,7 @@ class ResponseParser:
         else:
             self.eof = True
 
-    def next_event(self) -> ResponseHead | Data | _End | _Need:
+    def next_event(self) -> ResponseHead | Data | EndOfMessage | NeedData:
         state = self._state
         if state == _HEAD:
             return self._read_head()
@@ -156,7 +138,7 @@ class ResponseParser:
         return NEED_DATA
 
     # -- head ------------------------------------------------------------------
-    def _read_head(self) -> ResponseHead | _Need:
+    def _read_head(self) -> ResponseHead | NeedData:
         buf = self.buffer
         end = buf.find(b"\r\n\r\n")
         if end < 0:
@@ -169,26 +151,9 @@ class ResponseParser:
             raise ResponseError("response head too large")
         block = bytes(buf[:end])
         del buf[: end + 4]
-        line_end = block.find(b"\r\n")
-        status_line = block if line_end < 0 else block[:line_end]
-        match = _STATUS_LINE.fullmatch(status_line)
-        if match is None:
-            raise ResponseError(f"bad status line {status_line[:80]!r}")
-        if b"\0" in block:
-            raise ResponseError("NUL in response head")
-        fields = []
-        if line_end >= 0:
-            fields = _field_lines(block[line_end + 2 :] + b"\r\n", "response header section")
-        headers = []
-        framing = []
-        for name, value in fields:
-            field = (name.lower(), value.rstrip(b" \t"))
-            headers.append(field)
-            if field[0] in _FRAMING:
-                framing.append(field)
-        status = int(match.group(2))
-        version = b"1." + match.group(1)
-        head = ResponseHead(status, match.group(3) or b"", headers, version)
+        head, framing = response_head(block)
+        status = head.status
+        version = head.http_version
         connection = _tokens(framing, b"connection") if framing else []
         if version == b"1.0":
             self.keep_alive = b"keep-alive" in connection
@@ -237,7 +202,7 @@ class ResponseParser:
         return head
 
     # -- bodies ------------------------------------------------------------------
-    def _read_length(self) -> Data | _End | _Need:
+    def _read_length(self) -> Data | EndOfMessage | NeedData:
         remaining = self._remaining
         if remaining == 0:
             self._state = _DONE
@@ -256,7 +221,7 @@ class ResponseParser:
         self._remaining = remaining - len(chunk)
         return Data(chunk)
 
-    def _read_chunked(self) -> Data | _End | _Need:
+    def _read_chunked(self) -> Data | EndOfMessage | NeedData:
         buf = self.buffer
         while True:
             state = self._state
@@ -319,6 +284,31 @@ class ResponseParser:
                 self.trailers = trailers
                 self._state = _DONE
                 return END
+
+
+def reference_response_head(block: bytes) -> tuple[ResponseHead, list[tuple[bytes, bytes]]]:
+    """A machine's response head (without the blank line) as ``(head, framing)``:
+    the readable specification of the compiled ``_http1.response_head`` that
+    serves responses; tests hold the two equal."""
+    line_end = block.find(b"\r\n")
+    status_line = block if line_end < 0 else block[:line_end]
+    match = _STATUS_LINE.fullmatch(status_line)
+    if match is None:
+        raise ResponseError(f"bad status line {status_line[:80]!r}")
+    if b"\0" in block:
+        raise ResponseError("NUL in response head")
+    fields = []
+    if line_end >= 0:
+        fields = _field_lines(block[line_end + 2 :] + b"\r\n", "response header section")
+    headers = []
+    framing = []
+    for name, value in fields:
+        field = (name.lower(), value.rstrip(b" \t"))
+        headers.append(field)
+        if field[0] in _FRAMING:
+            framing.append(field)
+    version = b"1." + match.group(1)
+    return ResponseHead(int(match.group(2)), match.group(3) or b"", headers, version), framing
 
 
 def _field_lines(rest: bytes, what: str) -> list[tuple[bytes, bytes]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from edgeproxy.proxy._shared import SharedBudgets
 from edgeproxy.proxy.admission import Admission
 from edgeproxy.proxy.backhaul import BackhaulClient, WorkerContext, serve_backhaul_stream
 from edgeproxy.proxy.balancing import Chooser, placement_chooser
@@ -23,12 +23,14 @@ from edgeproxy.proxy.h2session import H2Session, H2Stream
 from edgeproxy.proxy.machines import MachinePool
 from edgeproxy.proxy.routes import EMPTY_ROUTES, RouteMap, build_routes
 from edgeproxy.proxy.stats import ProxyCounters, ProxySnapshot
+from edgeproxy.proxy.workerlane import BackhaulLane
 from edgeproxy.routing import Backend, ServiceTable
 
 log = logging.getLogger(__name__)
 
 ROLES = ("edge", "worker", "both")
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+WAITER_POLL_S = 0.01  # queued requests re-try the shared budget this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +56,9 @@ class ProxySettings:
     machine_pool_idle_timeout: float = 4.0
     listen_backlog: int = 1024
     # Processes serving the same listeners (SO_REUSEPORT, the kernel spreads
-    # connections). Each process admits 1/processes of every app's soft and hard
-    # limit (at least 1), so the apps' budgets hold across processes without a
-    # shared counter; see docs/DESIGN.md "HTTP slow path".
+    # connections). The daemon starts them (its config defaults to one per CPU);
+    # their in-flight counts per machine live in shared memory, so every app's
+    # hard_limit holds exactly host-wide. See docs/DESIGN.md "Several processes".
     processes: int = 1
     # Cores one app may use per process while another app also has requests
     # (proxy/cpushare.py); 0 = measure per-app CPU but never throttle.
@@ -109,6 +111,7 @@ class HttpProxy:
         settings: ProxySettings | None = None,
         chooser: Chooser | None = None,
         rng: random.Random | None = None,
+        shared: SharedBudgets | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
@@ -137,8 +140,9 @@ class HttpProxy:
         )
         self._cpu = CpuMeter(CpuBudgets(s.app_cpu_limit) if s.app_cpu_limit > 0 else None)
         admission: Admission[asyncio.Future[Backend]] = Admission(
-            chooser or placement_chooser(), rng or random.Random(), s.queue_limit
+            chooser or placement_chooser(), rng or random.Random(), s.queue_limit, shared
         )
+        self.shared = shared
         self._forwarder = Forwarder(
             ForwardSettings(
                 region=region,
@@ -183,6 +187,7 @@ class HttpProxy:
             lambda: self._routes,
             self._cpu,
         )
+        self._backhaul_lane = BackhaulLane(self._worker, self._lane)  # plain streams, no task
         self._edge_servers: dict[tuple[str, int], asyncio.Server] = {}
         self._backhaul_servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
@@ -193,6 +198,7 @@ class HttpProxy:
         self.backhaul_refused = 0
         self.listen_errors: dict[tuple[str, int], str] = {}
         self._reuse_port = s.processes > 1
+        self._waiter_poll: asyncio.Task[None] | None = None
 
     @property
     def is_edge(self) -> bool:
@@ -205,8 +211,6 @@ class HttpProxy:
     # -- routing -------------------------------------------------------------
     def update(self, tables: Sequence[ServiceTable], hostnames: Mapping[str, str]) -> None:
         """Swap routing atomically; listeners follow asynchronously when running."""
-        if self.settings.processes > 1:
-            tables = [process_share(t, self.settings.processes) for t in tables]
         self._routes = build_routes(tables, hostnames)
         if self._running:
             self._forwarder.retry_waiters()
@@ -252,6 +256,8 @@ class HttpProxy:
         self._running = True
         self._cpu.start()
         self._lane.start()
+        if self.shared is not None:
+            self._waiter_poll = asyncio.get_running_loop().create_task(self._poll_waiters())
         if self.is_worker:
             for address in sorted(self.host_addresses):
                 sock = _listen_socket(
@@ -265,6 +271,10 @@ class HttpProxy:
     async def stop(self) -> None:
         self._running = False
         self._cpu.stop()
+        if self._waiter_poll is not None:
+            self._waiter_poll.cancel()
+            with contextlib.suppress(BaseException):
+                await self._waiter_poll
         if self._sync_task is not None:
             with contextlib.suppress(BaseException):
                 await self._sync_task
@@ -284,6 +294,15 @@ class HttpProxy:
         for server in servers:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    async def _poll_waiters(self) -> None:
+        """Slots another process releases wake no waiter here: while this process
+        has queued requests, offer them the shared budget every few milliseconds."""
+        admission = self._forwarder.admission
+        while True:
+            await asyncio.sleep(WAITER_POLL_S)
+            if admission.waiting():
+                self._forwarder.retry_waiters()
 
     def _track(self) -> None:
         task = asyncio.current_task()
@@ -321,6 +340,7 @@ class HttpProxy:
             max_concurrent_streams=4096,
             enable_connect_protocol=True,
             validate_inbound=False,  # checked per stream in serve_backhaul_stream
+            on_request=self._backhaul_lane.serve,
         )
         session.start()
         try:
@@ -347,18 +367,10 @@ class HttpProxy:
             backhaul_refused=self.backhaul_refused,
             lane_requests=self._lane.lane_requests,
             general_requests=self._lane.general_requests,
+            backhaul_lane_requests=self._backhaul_lane.lane_requests,
+            backhaul_general_requests=self._backhaul_lane.general_requests,
+            http2_abuse=dict(c.http2_abuse),
         )
-
-
-def process_share(table: ServiceTable, processes: int) -> ServiceTable:
-    """This process's part of an app's concurrency budget when ``processes`` share
-    the listeners: limit // processes, at least 1 (so the sum never exceeds the
-    limit unless the limit is below the process count)."""
-    return dataclasses.replace(
-        table,
-        soft_limit=max(1, table.soft_limit // processes),
-        hard_limit=max(1, table.hard_limit // processes),
-    )
 
 
 def _set_nodelay(writer: asyncio.StreamWriter) -> None:

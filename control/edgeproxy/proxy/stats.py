@@ -49,6 +49,12 @@ class ProxySnapshot:
     # HTTP/1.1 requests started on the fast lane / handed to the general path
     lane_requests: int = 0
     general_requests: int = 0
+    # Worker: backhaul streams served on callbacks (workerlane) / given a task
+    backhaul_lane_requests: int = 0
+    backhaul_general_requests: int = 0
+    # HTTP/2 connections closed for abuse, by kind (rapid_reset, continuation_flood,
+    # ping_flood, settings_flood, zero_window, flood)
+    http2_abuse: Mapping[str, int] = field(default_factory=dict)
 
 
 class ProxyCounters:
@@ -57,6 +63,7 @@ class ProxyCounters:
         self.retries: Counter[str] = Counter()
         self.replays: Counter[str] = Counter()
         self.latency: dict[str, Histogram] = {}
+        self.http2_abuse: Counter[str] = Counter()
 
     def response(self, app: str, status: int, seconds: float) -> None:
         self.responses[(app, status)] += 1
@@ -64,3 +71,6 @@ class ProxyCounters:
         if histogram is None:
             histogram = self.latency[app] = Histogram()
         histogram.observe(seconds)
+
+    def http2_abuse_seen(self, kind: str) -> None:
+        self.http2_abuse[kind] += 1

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from edgeproxy.proxy import headers as h
-from edgeproxy.proxy.framing import HttpError
+from edgeproxy.proxy.messages import HttpError
 from edgeproxy.routing import Backend, ServiceTable
 
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")

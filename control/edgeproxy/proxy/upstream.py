@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgeproxy.proxy.bodies import BodyReader
-from edgeproxy.proxy.framing import HttpError
+from edgeproxy.proxy.messages import HttpError
 from edgeproxy.proxy.streams import ByteReader, ByteWriter
 
 Headers = list[tuple[bytes, bytes]]
