@@ -49,7 +49,13 @@ METHOD = {
         "any Python proxy spends per request). "
         "Load: `wrk -t1 -cC -dT` keep-alive GETs (latency percentiles from wrk's own "
         "histogram) and `h2load` (h2c prior knowledge) for edgeproxy. Transfer: one 100 MB "
-        "GET through each proxy (curl, to /dev/null), with the proxy's peak RSS (VmHWM)."
+        "GET through each proxy (curl, to /dev/null), with the proxy's peak RSS (VmHWM). "
+        "CPU per request: user + system time of each proxy's processes across its run."
+    ),
+    "h1core": (
+        "One process, no network: each step of a keep-alive GET's HTTP/1 byte work run "
+        "by the compiled core (`proxy/_http1.pyx`) and by its pure-Python twin on the same "
+        "inputs (checked equal first); wall time by timeit, instructions by callgrind."
     ),
     "scale": (
         "A synthetic state (`edgebench.synth`): 200,000 apps, 600,000 machines, 30 regions, "

@@ -364,6 +364,19 @@ cdef inline int _add_field(Buf* buf, bytes name, bytes value) except -1:
     return _add(buf, b"\r\n", 2)
 
 
+cdef int _add_list(Buf* buf, bytes name, list prior, bytes last) except -1:
+    """``name: prior[0], prior[1], ..., last``: a list field the proxy extends
+    (X-Forwarded-For, Via) with the values the client sent first."""
+    _add_checked(buf, name)
+    _add(buf, b": ", 2)
+    if prior is not None:
+        for value in prior:
+            _add_checked(buf, <bytes>value)
+            _add(buf, b", ", 2)
+    _add_checked(buf, last)
+    return _add(buf, b"\r\n", 2)
+
+
 cdef bytes _take(Buf* buf):
     out = PyBytes_FromStringAndSize(buf.data, buf.size)
     if buf.heap:
@@ -486,22 +499,10 @@ def forward_head(head, bytes ip not None, bytes scheme not None, bytes port not 
                 # 100-continue is answered here; a body is framed by the edge itself
                 # (headers.forward_request_headers says why).
                 _add_field(&buf, name, value)
-        _add(&buf, b"x-forwarded-for: ", 17)
-        if prior_xff is not None:
-            for value in prior_xff:
-                _add_checked(&buf, value)
-                _add(&buf, b", ", 2)
-        _add_checked(&buf, ip)
-        _add(&buf, b"\r\n", 2)
+        _add_list(&buf, b"x-forwarded-for", prior_xff, ip)
         _add_field(&buf, b"x-forwarded-proto", scheme)
         _add_field(&buf, b"x-forwarded-port", port)
-        _add(&buf, b"via: ", 5)
-        if prior_via is not None:
-            for value in prior_via:
-                _add_checked(&buf, value)
-                _add(&buf, b", ", 2)
-        _add_checked(&buf, protocol)
-        _add(&buf, b" edgeproxy\r\n", 12)
+        _add_list(&buf, b"via", prior_via, protocol + b" edgeproxy")
         _add_field(&buf, b"edgeproxy-client-ip", ip)
         _add_field(&buf, b"edgeproxy-edge-region", region)
         _add_field(&buf, b"edgeproxy-request-id", request_id)
