@@ -115,7 +115,6 @@ class _Link:
             writer,
             client_side=True,
             stream_window=client.stream_window,
-            validate_inbound=False,  # responses from our own worker
         )
         session.start()
         self.session = session

@@ -169,7 +169,6 @@ class H2ClientConnection:
             connection_window=1024 * 1024,
             max_concurrent_streams=128,
             preface_already_read=first_bytes,
-            validate_inbound=False,  # malformed_request() instead, per stream
             enable_connect_protocol=True,  # RFC 8441: WebSockets over HTTP/2
             limits=limits or CLIENT_LIMITS,
             on_abuse=forwarder.counters.http2_abuse_seen,

@@ -351,15 +351,13 @@ class H2Session:
         max_concurrent_streams: int = 1000,
         enable_connect_protocol: bool = False,
         preface_already_read: bytes = b"",
-        validate_inbound: bool = True,
         limits: H2Limits = BACKHAUL_LIMITS,
         on_abuse: Callable[[str], None] | None = None,
         on_request: Callable[[H2Stream], bool] | None = None,
     ) -> None:
-        # ``validate_inbound`` is kept for callers: nghttp2's HTTP messaging checks
-        # are always off (they reset the stream; RFC 9113 8.1.1 wants a 400 there),
-        # requests are checked per stream above (frontend_h2, serve_backhaul_stream).
-        del validate_inbound
+        # nghttp2's HTTP messaging checks are always off (they reset the stream;
+        # RFC 9113 8.1.1 wants a 400 there): requests are checked per stream above
+        # (frontend_h2.malformed_request, serve_backhaul_stream).
         self.reader = reader
         self.writer = writer
         self.client_side = client_side

@@ -339,7 +339,6 @@ class HttpProxy:
             on_stream=on_stream,
             max_concurrent_streams=4096,
             enable_connect_protocol=True,
-            validate_inbound=False,  # checked per stream in serve_backhaul_stream
             on_request=self._backhaul_lane.serve,
         )
         session.start()
