@@ -33,7 +33,8 @@ EPILOG = """\
 exit codes:
   0  ok
   1  nothing found: no pinned maps for the instance, an empty listing, an unknown
-     app or machine, an invalid state file (state check)
+     app or machine, an invalid state file (state check) or daemon config
+     (config check)
   2  usage error, including missing permissions (reading pinned BPF objects needs
      root: CAP_BPF and CAP_SYS_ADMIN) and missing files
 """
@@ -229,6 +230,7 @@ def cmd_state_check(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_state_show(args: argparse.Namespace, out: Out) -> int:
+    from .config import ConfigError
     from .state import StateError, load_state
 
     if args.file is None and args.config is None:
@@ -240,7 +242,7 @@ def cmd_state_show(args: argparse.Namespace, out: Out) -> int:
             state, source = _state_of_daemon_config(args.config)
     except FileNotFoundError as exc:
         return _fail(f"state show: {exc.filename}: no such file", EXIT_USAGE)
-    except StateError as err:
+    except (StateError, ConfigError) as err:
         print(str(err), file=sys.stderr)
         return EXIT_NOTHING_FOUND
     out.emit(render.state_summary_json(state, source), render.state_summary_table)
@@ -257,6 +259,34 @@ def _state_of_daemon_config(path: Path) -> tuple[Any, str]:
         return source.current(), f"{config.state.get('source', 'state')} (from {path})"
     finally:
         source.close()
+
+
+# ----------------------------------------------------------------- config
+
+
+def cmd_config_check(args: argparse.Namespace, out: Out) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(args.file)
+    except FileNotFoundError:
+        return _fail(f"config check: {args.file}: no such file", EXIT_USAGE)
+    except OSError as exc:
+        return _fail(f"config check: {args.file}: {exc.strerror}", EXIT_USAGE)
+    except ConfigError as err:  # the daemon refuses to start with these same lines
+        problems = [{"line": p.line, "path": p.path, "reason": p.reason} for p in err.problems]
+        data = {"file": str(args.file), "valid": False, "problems": problems}
+        message = str(err) + "\n"
+        out.emit(data, lambda _: message)
+        return EXIT_NOTHING_FOUND
+    summary = {"file": str(args.file), "valid": True, "instance": config.instance,
+               "role": config.role, "host_id": config.host_id,
+               "state_source": str(config.state.get("source", "file")),
+               "metrics_listen": config.metrics_listen}
+    out.emit(summary, lambda s: f"{s['file']}: OK: {s['role']} {s['host_id']} (instance "
+             f"{s['instance']}), state from {s['state_source']}, metrics on "
+             f"{s['metrics_listen']}\n")
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, out: Out) -> int:
@@ -388,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
             "summarise a state file, or the state a daemon config points at")
     p.add_argument("file", type=Path, nargs="?", metavar="FILE")
     p.add_argument("--config", type=Path, help="a daemon config: show the state it follows")
+
+    config = commands.add_parser("config", help="check a daemon config")
+    config_commands = config.add_subparsers(dest="config_command", required=True,
+                                            metavar="COMMAND")
+    p = add(config_commands, "check", cmd_config_check,
+            "check a daemon config; every problem with its line and key path")
+    p.add_argument("file", type=Path, metavar="FILE")
 
     p = add(commands, "run", cmd_run, "run the daemon (same as python -m edgeproxy.daemon)")
     p.add_argument("--config", type=Path, required=True, metavar="FILE")

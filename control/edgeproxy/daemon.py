@@ -99,6 +99,9 @@ class Daemon:
         self.collector: EdgeproxyCollector | None = None
         self._warming: asyncio.Task[int] | None = None
         self._lock = asyncio.Lock()  # one map writer at a time: sync and sweep
+        # What start() is doing, for GET /ready until it is done (then None); "stopping"
+        # from stop() on. Written on the loop, read by the metrics thread: one str.
+        self._not_ready: str | None = "starting"
 
     def _own_host(self, state: ClusterState) -> Host:
         host = state.hosts.get(self.config.host_id)
@@ -128,22 +131,45 @@ class Daemon:
         )
 
     async def start(self) -> None:
+        # First, so /healthz and /ready answer while the programs compile.
+        self.metrics = MetricsEndpoint.start(self.config.metrics_listen, ready=self.not_ready)
         if self.dataplane is not None:
+            where = ", ".join(self.config.interfaces) or "no interface"
+            self._not_ready = f"loading the kernel programs ({where})"
             await asyncio.to_thread(self.dataplane.load_in_child)
+        self._not_ready = "state not applied yet"
         if self.health is not None:
             await self.health.start()
         await self.apply(self.state)
+        self._not_ready = "HTTP listeners not up yet"
         await self.proxy.start()
         await self.proxy.sync_listeners()
         if self.supervisor is not None:
             assert self.budgets is not None
             log.info("shared budgets: %d rows, fd %d (/proc/%d/fd/%d)", self.budgets.rows,
                      self.budgets.fd, os.getpid(), self.budgets.fd)
+            self._not_ready = "HTTP processes not started yet"
             await self.supervisor.start()
         self.start_metrics()
+        self._not_ready = None
         if self.config.ready_file is not None:
             self.config.ready_file.write_text(f"{self.applied}\n")
         log.info("ready: %d services, role %s", len(self._tables_by_id), self.config.role)
+
+    def not_ready(self) -> str | None:
+        """Why the daemon is not ready, or None (``GET /ready``): ready once the state
+        is applied, the programs are attached (to the config's interfaces) and every
+        HTTP listener is up; not ready again while stopping or while a listener the
+        state asks for cannot be opened."""
+        if self._not_ready is not None:
+            return self._not_ready
+        # copied in one C call: the loop thread may change the dict meanwhile
+        errors = sorted(list(self.proxy.listen_errors.items()))
+        if errors:
+            (host, port), error = errors[0]
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            return f"cannot listen on {host}:{port}: {error}{more}"
+        return None
 
     async def apply(
         self, state: ClusterState, changed_apps: AbstractSet[str] | None = None
@@ -216,6 +242,9 @@ class Daemon:
 
     def start_metrics(self) -> None:
         """Serve /metrics on ``metrics.listen``; the collector reads at each scrape."""
+        if self.metrics is None:
+            self.metrics = MetricsEndpoint.start(self.config.metrics_listen,
+                                                 ready=self.not_ready)
         loop = asyncio.get_running_loop()
         if self.supervisor is None:
             collector = self.collector = EdgeproxyCollector(
@@ -227,7 +256,7 @@ class Daemon:
                 dataplane=self.dataplane,
                 proxy=HostSnapshots(self.proxy, self.supervisor, loop), source=self.source,
                 last_applied=lambda: self.applied_at, loop=None)
-        self.metrics = MetricsEndpoint.start(self.config.metrics_listen, collector)
+        self.metrics.collect(collector)
         self.warm_metrics()
 
     def warm_metrics(self) -> None:
@@ -278,6 +307,7 @@ class Daemon:
         return loops
 
     async def stop(self) -> None:
+        self._not_ready = "stopping"
         if self.health is not None:
             await self.health.stop()
         if self.metrics is not None:
@@ -318,8 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"edgeproxy: bad config {args.config}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"edgeproxy: cannot read config {args.config}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # the lines `edgectl config check` prints, one per problem
+        print(exc, file=sys.stderr)
+        print(f"edgeproxy: not started: {args.config} fails the config check", file=sys.stderr)
         return 2
     loop = new_event_loop()
     stopping = asyncio.Event()
@@ -330,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. metrics.listen already taken
+        print(f"edgeproxy: {exc}", file=sys.stderr)
+        return 1
     finally:
         loop.close()
     return 0

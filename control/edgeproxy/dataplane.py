@@ -21,6 +21,7 @@ from array import array
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from importlib import resources
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,19 @@ from .routing import Backend, ServiceTable
 log = logging.getLogger(__name__)
 
 PIN_ROOT = Path("/sys/fs/bpf/edgeproxy")
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+
+def bpf_sources() -> Path:
+    """Where the BPF C programs and headers are: ``edgeproxy/bpf/``, package data of
+    an installed wheel (setup.py copies the checkout's bpf/ there), else the
+    checkout's ``bpf/`` itself (an editable install has no copy)."""
+    packaged = resources.files("edgeproxy") / "bpf"
+    if isinstance(packaged, Path) and (packaged / "edge.bpf.c").is_file():
+        return packaged  # bcc compiles from a file name: a zipped package would not do
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+BPF_DIR = bpf_sources()
 XDP_FLAGS_SKB_MODE = 2
 XDP_FLAGS_DRV_MODE = 4
 TC_EGRESS = "ffff:fff3"
@@ -399,6 +412,9 @@ class Dataplane:
             src, funcs = "worker.bpf.c", {"worker_ingress": BPF.XDP,
                                           "worker_ingress_tc": BPF.SCHED_CLS,
                                           "worker_egress": BPF.SCHED_CLS}
+        if not (c.bpf_dir / src).is_file():
+            raise FileNotFoundError(f"BPF source {c.bpf_dir / src} is missing: this "
+                                    "edgeproxy install carries no bpf/ (rebuild the wheel)")
         self._bpf = BPF(src_file=str(c.bpf_dir / src).encode(), cflags=self._cflags())
         fns = {name: self._bpf.load_func(name.encode(), kind) for name, kind in funcs.items()}
         for name, fn in fns.items():

@@ -13,8 +13,8 @@ prometheus-client custom-collector way; nothing copies counters on a timer):
   machine and internal port.
 
 The endpoint listens on ``127.0.0.1:9109`` unless the daemon config says otherwise
-(``metrics.listen``). ``tests/test_dashboard.py`` checks the Grafana dashboard
-against ``METRICS``.
+(``metrics.listen``), and also answers ``/healthz`` and ``/ready`` for the daemon.
+``tests/test_dashboard.py`` checks the Grafana dashboard against ``METRICS``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import platform
 import re
 import socket
 import threading
@@ -44,6 +45,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from . import __version__
 from .counters import (
     COUNTER_FIELDS,
     SERVICE_FIELDS,
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeproxy.metrics")
 
 DEFAULT_LISTEN = "127.0.0.1:9109"
+BUILD_LABELS = (__version__, platform.python_version())  # edgeproxy_build_info
 Kind = Literal["counter", "gauge", "histogram"]
 
 MACHINE_LABELS = ("app", "service", "machine", "region")
@@ -171,6 +174,9 @@ METRICS: tuple[MetricSpec, ...] = (
        "Packets the fast path found malformed or unexpected, by kind", "kind"),
     _m("edgeproxy_bpf_map_entries", "gauge", "Entries in use in an id-allocated map", "map"),
     _m("edgeproxy_bpf_map_max_entries", "gauge", "Capacity of an id-allocated map", "map"),
+    # the daemon itself
+    _m("edgeproxy_build_info", "gauge",
+       "Always 1; the labels say which edgeproxy and which Python run", "version", "python"),
 )
 BY_NAME: Mapping[str, MetricSpec] = {m.name: m for m in METRICS}
 
@@ -277,6 +283,7 @@ class EdgeproxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families = {m.name: _family(m) for m in METRICS}
+        _add(families, "edgeproxy_build_info", BUILD_LABELS, 1)
         state = self.source.current() if self.source is not None else None
         labels = self._state_labels(state)
         self._add_state(families, state)
@@ -936,16 +943,40 @@ class _Server6(ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
 
-def _serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+#: Why the daemon is not ready (``GET /ready`` answers 503 with it), or None: ready.
+Readiness = Callable[[], str | None]
+
+
+def _always_ready() -> str | None:
+    return None
+
+
+def _text(start_response: Callable[..., Any], status: str, body: str) -> list[bytes]:
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def _serve(host: str, port: int, endpoint: MetricsEndpoint) -> WSGIServer:
     """prometheus-client's ``start_http_server``, with ``exposition`` as the body,
     sent while it is written (no OpenMetrics negotiation or gzip: Prometheus takes
-    plain text by default)."""
+    plain text by default); beside it ``/healthz`` and ``/ready``."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found\n"]
-        size, chunks = exposition(registry)
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":  # answering at all is the proof of life
+            return _text(start_response, "200 OK", "ok\n")
+        if path == "/ready":
+            reason = endpoint.ready()
+            if reason is None:
+                return _text(start_response, "200 OK", "ready\n")
+            return _text(start_response, "503 Service Unavailable", f"not ready: {reason}\n")
+        if path not in ("/", "/metrics"):
+            return _text(start_response, "404 Not Found", "not found\n")
+        if not endpoint.collecting:
+            return _text(start_response, "503 Service Unavailable", "starting\n")
+        size, chunks = exposition(endpoint.registry)
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST),
                                   ("Content-Length", str(size))])
         return chunks
@@ -957,28 +988,43 @@ def _serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
 
 
 class MetricsEndpoint:
-    """The HTTP server Prometheus scrapes; ``close()`` stops it."""
+    """The HTTP server Prometheus scrapes (``/metrics``), with the daemon's own
+    ``/healthz`` (200 while the process answers) and ``/ready`` (200, or 503 and
+    the reason ``ready`` gives). The daemon starts it first, so both answer while it
+    loads; ``/metrics`` answers 503 until ``collect()`` hands it the collector.
+    ``close()`` stops it."""
 
-    def __init__(self, server: WSGIServer, registry: CollectorRegistry) -> None:
-        self.server = server
+    def __init__(self, registry: CollectorRegistry, ready: Readiness) -> None:
         self.registry = registry
+        self.ready = ready
+        self.collecting = False
+        self.server: WSGIServer | None = None
 
     @classmethod
-    def start(cls, listen: str, collector: Collector) -> MetricsEndpoint:
+    def start(cls, listen: str, collector: Collector | None = None, *,
+              ready: Readiness = _always_ready) -> MetricsEndpoint:
         host, port = parse_listen(listen)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(collector)
-        server = _serve(host, port, registry)
-        log.info("metrics on http://%s/metrics", listen)
-        return cls(server, registry)
+        endpoint = cls(CollectorRegistry(auto_describe=False), ready)
+        if collector is not None:
+            endpoint.collect(collector)
+        endpoint.server = _serve(host, port, endpoint)
+        log.info("metrics on http://%s/metrics (and /healthz, /ready)", listen)
+        return endpoint
+
+    def collect(self, collector: Collector) -> None:
+        """Serve ``collector`` on /metrics from now on."""
+        self.registry.register(collector)
+        self.collecting = True
 
     @property
     def port(self) -> int:
+        assert self.server is not None
         return int(self.server.server_address[1])
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
 
 
 # ----------------------------------------------------- reading the endpoint

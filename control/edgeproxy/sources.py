@@ -1467,6 +1467,15 @@ def write_state(
         write_etcd_state(target, state, prefix)
 
 
+#: The keys a daemon config's ``state:`` section may hold, by ``source``; the config
+#: check (``config.py``) refuses any other. A key added to ``make_source`` goes here.
+SOURCE_KEYS: Mapping[str, tuple[str, ...]] = {
+    "file": ("source", "path", "poll_interval"),
+    "sqlite": ("source", "path", "poll_interval"),
+    "etcd": ("source", "endpoints", "prefix"),
+}
+
+
 def make_source(config: Mapping[str, object]) -> StateSource:
     """Build the source a config names.
 
