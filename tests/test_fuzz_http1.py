@@ -38,6 +38,9 @@ def build_with_coverage(directory: Path) -> Path | None:
     (directory / "edgeproxy" / "__init__.py").touch()
     (package / "__init__.py").touch()  # so cython names the module edgeproxy.proxy._http1
     shutil.copy(PYX, package / PYX.name)
+    # Its C-level declarations: the compiled lane cimports them, so the build must
+    # lay the parser out exactly as the installed module does.
+    shutil.copy(PYX.with_suffix(".pxd"), package / (PYX.stem + ".pxd"))
     c_file = package / "_http1.c"
     subprocess.run([str(cython), "-3", str(package / PYX.name), "-o", str(c_file)],
                    check=True, capture_output=True, timeout=120)

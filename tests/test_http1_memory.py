@@ -4,7 +4,8 @@
 valgrind's memcheck with ``PYTHONMALLOC=malloc`` (so every Python allocation is
 visible to it): parse_head, forward_head on heads bigger than its 4 KiB stack
 buffer (the heap paths: malloc, then realloc past 8 KiB, and free),
-response_head, client_head (stack and heap paths), and the error paths
+response_head, client_head (stack and heap paths), ResponseParser over a
+connection's responses, and the error paths
 (refused heads, UnsendableRequest raised after the buffer went to the heap, the
 replay directive). Any invalid read or
 write, and any definitely-lost block, whose stack names ``_http1`` fails the test.
@@ -65,6 +66,27 @@ big_response = ResponseHead(200, b"", [(b"x-big-%d" % i, b"v" * 100) for i in ra
                             + [(b"connection", b"x-big-1")], b"1.1")
 replay = _http1.response_head(SEED_RESPONSES["replay"])[0]
 bad_responses = [SEED_RESPONSES[k] for k in ("bad_status", "nul", "bare_lf", "fold")]
+# A keep-alive connection's worth of responses, cut mid-way, for the framing parser:
+# Content-Length, chunked with trailers, HEAD, and one broken chunk at the end.
+stream = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+          b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+          b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+
+def frame(i):
+    parser = _http1.ResponseParser()
+    parser.start(b"GET")
+    cut = 7 + i % 60
+    try:
+        for piece in (stream[:cut], stream[cut:]):
+            parser.feed(piece)
+            while True:
+                event = parser.next_event()
+                if type(event).__name__ == "NeedData":
+                    break
+                if type(event).__name__ == "EndOfMessage":
+                    parser.start(b"GET")
+    except ResponseError:
+        pass
 
 def one(i):
     head = _http1.parse_head(small)
@@ -87,6 +109,7 @@ def one(i):
         _http1.response_head(bad_responses[i % len(bad_responses)])
     except ResponseError:
         pass
+    frame(i)
 
 n = int(sys.argv[1])
 for i in range(min(n, 2000)):  # warm up caches, interned objects, free lists

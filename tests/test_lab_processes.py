@@ -28,6 +28,8 @@ from edgeproxy.proxy._shared import SharedBudgets
 from lab_client import daemon_log, wait_until
 
 FLOOD_LIMIT = 4  # flood-http's hard_limit in the default state (per machine)
+# How long after a kill a reconnect may still land on the dying listener.
+EXIT_WINDOW_S = 0.3
 READY_WITHIN_S = 2.0
 
 # `flood` from many keep-alive connections (one thread each), slow requests, until
@@ -293,11 +295,16 @@ def test_killed_http_process_is_replaced_and_others_keep_serving(
     assert ready_after <= READY_WITHIN_S, figures
     assert new_pid not in (procs.daemon, procs.child), figures
     # no error on a connection the surviving process held; the killed child's
-    # connections failed at most once each (then reconnected and carried on)
+    # connections failed once each (then reconnected and carried on). One more reset
+    # is possible for a reconnect made while the killed process still exits: the
+    # kernel closes a process's sockets after freeing its memory, and until then
+    # SO_REUSEPORT still hashes new connections to its listener (seen once: 50 ms).
     assert not [r for r in errors if r[0] in survivors], figures
     assert all(r[0] in victims for r in errors), figures
     for k in victims:
-        assert sum(1 for r in errors if r[0] == k) <= 1, figures
+        times = sorted(r[2] for r in errors if r[0] == k)
+        assert len(times) <= 1 or (len(times) == 2 and times[1] - times[0] <= EXIT_WINDOW_S), (
+            figures)
     assert len(rows) - len(errors) >= 0.9 * conns * rate * seconds - conns, figures
     # the replacement holds some of 16 new connections, and every one was answered
     assert all(s == 200 for _, s in fresh), figures

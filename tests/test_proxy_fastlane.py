@@ -138,6 +138,10 @@ def test_replay_asked_by_a_lane_machine_is_sent_where_it_says() -> None:
             assert seen["edgeproxy-replay-source"] == "web-ord-1"
             assert "edgeproxy-replay" not in r.headers
             assert L.edge.snapshot().replays["web"] == 1
+            # One request, one id: the one the first machine saw, the replay, the client.
+            first = dict(L.machines["web-ord-1"].requests[-1]["headers"])
+            assert first["edgeproxy-request-id"] == seen["edgeproxy-request-id"]
+            assert r.headers["edgeproxy-request-id"] == seen["edgeproxy-request-id"]
             await settle(L.edge)
 
     run(main)
@@ -334,5 +338,25 @@ def test_head_and_http10_keep_alive_on_the_lane() -> None:
                 writer.close()
             assert lane_counts(L.edge) == (3, 0)
             await settle(L.edge)
+
+    run(main)
+
+
+def test_a_machine_failing_mid_response_is_counted_once() -> None:
+    """Part of the answer went out, then the machine closed: the client connection
+    is closed, and the request counted and its slot given back once (the
+    connection's loss afterwards finds no exchange)."""
+
+    async def main() -> None:
+        async with lab() as L:
+            cut = RawMachine(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", True)
+            async with in_place_of(L.machines["web-ord-1"], cut):
+                out = await raw_exchange(
+                    b"GET /cut HTTP/1.1\r\nHost: web.test\r\n"
+                    b"Edgeproxy-Force-Machine: web-ord-1\r\n\r\n", L.port)
+            assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\nabc"), out
+            await settle(L.edge)
+            assert L.edge.snapshot().responses[("web", 200)] == 1
+            assert lane_counts(L.edge) == (1, 0)
 
     run(main)

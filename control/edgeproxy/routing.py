@@ -48,3 +48,16 @@ class ServiceTable:
     def raw_tcp(self) -> bool:
         """True when the kernel fast path carries this service (no handlers)."""
         return not self.handlers
+
+
+_ADDRESS_TEXT: dict[object, str] = {}
+
+
+def address_text(address: object) -> str:
+    """str() of an IP address, cached: ipaddress formats it anew on every call."""
+    text = _ADDRESS_TEXT.get(address)
+    if text is None:
+        if len(_ADDRESS_TEXT) > 65536:
+            _ADDRESS_TEXT.clear()
+        text = _ADDRESS_TEXT[address] = str(address)
+    return text

@@ -1,5 +1,7 @@
 # The compiled HTTP/1 core's interface (control/edgeproxy/proxy/_http1.pyx).
-from edgeproxy.proxy.messages import RequestHead, ResponseHead
+from collections.abc import Sequence
+
+from edgeproxy.proxy.messages import Data, EndOfMessage, NeedData, RequestHead, ResponseHead
 
 MAX_REQUEST_LINE: int
 MAX_HEAD: int
@@ -28,3 +30,20 @@ def client_head(
     close: bool = False,
     check_replay: bool = True,
 ) -> tuple[bytes, bool, bool] | None: ...
+
+MAX_CHUNK_LINE: int
+MAX_TRAILERS: int
+MAX_CHUNK_SIZE: int
+MAX_INFORMATIONAL: int
+NO_TRAILERS: Sequence[tuple[bytes, bytes]]
+
+class ResponseParser:
+    buffer: bytearray
+    eof: bool
+    keep_alive: bool
+    trailers: Sequence[tuple[bytes, bytes]]
+    def start(self, method: bytes) -> None: ...
+    @property
+    def done(self) -> bool: ...
+    def feed(self, data: bytes) -> None: ...
+    def next_event(self) -> ResponseHead | Data | EndOfMessage | NeedData: ...

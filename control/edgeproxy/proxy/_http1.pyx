@@ -16,6 +16,7 @@ module only turns bytes into checked fields and fields into bytes. The limits it
 enforces are defined here once and imported by the Python twins.
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM
@@ -24,7 +25,15 @@ from libc.string cimport memcmp, memcpy
 
 from http import HTTPStatus
 
-from edgeproxy.proxy.messages import HttpError, RequestHead, ResponseError, ResponseHead
+from edgeproxy.proxy.messages import (
+    END,
+    NEED_DATA,
+    Data,
+    HttpError,
+    RequestHead,
+    ResponseError,
+    ResponseHead,
+)
 
 # -- limits (one definition; framing.py and responses.py import them) --------------
 # A request line longer than this is 414; a request head (line + fields) longer, 431.
@@ -34,6 +43,16 @@ MAX_HEADERS = 100
 MAX_CONTENT_LENGTH_DIGITS = 18
 # A machine's response head longer than this is a bad response (502).
 MAX_RESPONSE_HEAD = 64 * 1024
+# A chunk-size line, and a trailer section, longer than these are bad responses.
+MAX_CHUNK_LINE = 1024
+MAX_TRAILERS = 64 * 1024
+# No machine sends a chunk of 2^62 bytes; a size above is garbage (and would not fit).
+MAX_CHUNK_SIZE = (1 << 62) - 1
+# Interim responses allowed before the final one: a machine must not be able to keep
+# a request (and the client) busy with 1xx forever. More is a bad response (502).
+MAX_INFORMATIONAL = 8
+# ``trailers`` when a response had none: shared, so the common case allocates nothing.
+NO_TRAILERS = ()
 
 cdef Py_ssize_t _MAX_REQUEST_LINE = MAX_REQUEST_LINE
 cdef Py_ssize_t _MAX_HEADERS = MAX_HEADERS
@@ -528,7 +547,7 @@ def response_head(bytes block not None):
     status line or any field line is malformed."""
     cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(block)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(block)
-    cdef Py_ssize_t i, line_end, start, end, colon, vs, ve
+    cdef Py_ssize_t i, line_end
     line_end = 0
     while line_end < n and not (b[line_end] == 13 and line_end + 1 < n and b[line_end + 1] == 10):
         line_end += 1
@@ -538,19 +557,29 @@ def response_head(bytes block not None):
             raise ResponseError("NUL in response head")
     cdef list headers = []
     cdef list framing = []
-    start = line_end + 2
-    while line_end < n:
+    if line_end < n:
+        _field_section(b, line_end + 2, n, headers, framing, "response header section")
+    return ResponseHead(status, reason, headers, version), framing
+
+
+cdef int _field_section(const unsigned char* b, Py_ssize_t start, Py_ssize_t n, list headers,
+                        list framing, str what) except -1:
+    """The field lines of ``b[start:n]`` (CRLF between lines, none after the last)
+    into ``headers`` as (lower-case name, value without surrounding OWS); the
+    Connection, Transfer-Encoding and Content-Length ones into ``framing`` too
+    (when given). ResponseError naming ``what`` if any line is not a whole field."""
+    cdef Py_ssize_t end, colon, vs, ve
+    while True:
         end = start
         while end < n and b[end] != 13 and b[end] != 10:
             end += 1
-        # Each field line ends in CRLF (the last one at the end of the block).
         if end < n and not (b[end] == 13 and end + 1 < n and b[end + 1] == 10):
-            raise ResponseError("malformed response header section")
+            raise ResponseError(f"malformed {what}")
         colon = start
         while colon < end and b[colon] != 58:
             colon += 1
         if colon == end or not _is_token(b + start, colon - start):
-            raise ResponseError("malformed response header section")
+            raise ResponseError(f"malformed {what}")
         vs = colon + 1
         while vs < end and (b[vs] == 32 or b[vs] == 9):
             vs += 1
@@ -560,11 +589,12 @@ def response_head(bytes block not None):
         name = _lower(b + start, colon - start)
         field = (name, PyBytes_FromStringAndSize(<const char*>b + vs, ve - vs))
         headers.append(field)
-        if name == b"connection" or name == b"transfer-encoding" or name == b"content-length":
+        if framing is not None and (name == b"connection" or name == b"transfer-encoding"
+                                    or name == b"content-length"):
             framing.append(field)
-        line_end = end
+        if end >= n:
+            return 0
         start = end + 2
-    return ResponseHead(status, reason, headers, version), framing
 
 
 cdef tuple _status_line(const unsigned char* b, Py_ssize_t n, bytes block):
@@ -646,3 +676,283 @@ def client_head(response, request, bytes request_id not None, bint close=False,
     finally:
         if buf.heap:
             free(buf.data)
+
+
+# -- response framing --------------------------------------------------------------------
+# Parser states.
+cdef enum:
+    S_HEAD, S_LENGTH, S_CHUNK_SIZE, S_CHUNK_DATA, S_CHUNK_CRLF, S_TRAILERS, S_UNTIL_CLOSE, \
+        S_DONE, S_END_PENDING
+
+
+cdef list _tokens(list fields, bytes name):
+    """The comma-separated tokens of every ``name`` field, lower-case, empties dropped."""
+    cdef list tokens = []
+    for k, v in fields:
+        if k == name:
+            for t in v.split(b","):
+                t = t.strip(b" \t")
+                if t:
+                    tokens.append(t.lower())
+    return tokens
+
+
+cdef inline Py_ssize_t _find_crlf(const unsigned char* b, Py_ssize_t n, bint double) noexcept:
+    """Index of the first CRLF (CRLFCRLF if ``double``) in ``b[:n]``, or -1."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t need = 4 if double else 2
+    for i in range(n - need + 1):
+        if b[i] == 13 and b[i + 1] == 10 and (not double or (b[i + 2] == 13 and b[i + 3] == 10)):
+            return i
+    return -1
+
+
+cdef class ResponseParser:
+    """A machine's responses on one connection, framed exactly as RFC 9112 6.3 says
+    (HEAD, 1xx, 204 and 304 carry no body; chunked; Content-Length; else until the
+    machine closes). Feed bytes, take events: ResponseHead (1xx first, at most
+    ``MAX_INFORMATIONAL``), Data*, END; ResponseError for anything malformed.
+    ``start(method)`` before each request's response; ``keep_alive`` tells whether
+    the connection may carry another; ``trailers`` holds a chunked body's trailer
+    fields (names lower-case) once END was returned. ``responses.ReferenceParser``
+    is the readable twin; tests hold the two equal on generated streams."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.state = S_DONE
+        self.remaining = 0
+        self.method = b"GET"
+        self.informational = 0
+        self.keep_alive = True
+        self.eof = False
+        self.trailers = NO_TRAILERS
+
+    cpdef start(self, bytes method):
+        self.state = S_HEAD
+        self.method = method
+        self.informational = 0
+        self.keep_alive = True
+        self.trailers = NO_TRAILERS
+
+    @property
+    def done(self):
+        return self.state == S_DONE
+
+    cpdef feed(self, bytes data):
+        if data:
+            self.buffer += data
+        else:
+            self.eof = True
+
+    cpdef next_event(self):
+        cdef int state = self.state
+        if state == S_HEAD:
+            return self._read_head()
+        if state == S_LENGTH:
+            return self._read_length()
+        if state == S_UNTIL_CLOSE:
+            if self.buffer:
+                chunk = bytes(self.buffer)
+                del self.buffer[:]
+                return Data(chunk)
+            if self.eof:
+                self.state = S_DONE
+                return END
+            return NEED_DATA
+        if state == S_END_PENDING:
+            self.state = S_DONE
+            return END
+        if S_CHUNK_SIZE <= state <= S_TRAILERS:
+            event = self._read_chunked()
+            if event is NEED_DATA and self.eof:
+                raise ResponseError("machine closed inside a chunked body")
+            return event
+        return NEED_DATA
+
+    cdef object _read_head(self):
+        cdef bytearray buf = self.buffer
+        cdef Py_ssize_t n = len(buf)
+        cdef Py_ssize_t end = _find_crlf(<const unsigned char*>PyByteArray_AS_STRING(buf), n, True)
+        if end < 0:
+            if n > MAX_RESPONSE_HEAD:
+                raise ResponseError("response head too large")
+            if self.eof:
+                raise ResponseError("machine closed before the response head")
+            return NEED_DATA
+        if end + 4 > MAX_RESPONSE_HEAD:
+            raise ResponseError("response head too large")
+        block = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), end)
+        del buf[: end + 4]
+        head, framing = response_head(block)
+        cdef int status = head.status
+        cdef list connection = _tokens(framing, b"connection") if framing else []
+        if head.http_version == V10:
+            self.keep_alive = b"keep-alive" in connection
+        else:
+            self.keep_alive = b"close" not in connection
+        if status < 200:
+            if status == 101:
+                self.state = S_DONE  # the connection is a tunnel now
+                self.keep_alive = False
+            else:  # other 1xx: the final response follows; stay in S_HEAD
+                self.informational += 1
+                if self.informational > MAX_INFORMATIONAL:
+                    raise ResponseError("too many interim (1xx) responses from machine")
+            return head
+        if self.method == M_HEAD or status == 204 or status == 304:
+            self.state = S_END_PENDING
+            return head
+        cdef list codings = []
+        cdef list lengths = []
+        for name, value in framing:
+            if name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings = _tokens(framing, b"transfer-encoding")
+        if codings:
+            if codings != [b"chunked"]:
+                raise ResponseError("unsupported Transfer-Encoding from machine")
+            if lengths:
+                self.keep_alive = False  # RFC 9112 6.3: TE wins, then close
+            self.state = S_CHUNK_SIZE
+        elif lengths:
+            self.remaining = _content_length(lengths)
+            self.state = S_LENGTH
+        else:
+            self.state = S_UNTIL_CLOSE
+            self.keep_alive = False
+        return head
+
+    cdef object _read_length(self):
+        cdef long long remaining = self.remaining
+        if remaining == 0:
+            self.state = S_DONE
+            return END
+        cdef bytearray buf = self.buffer
+        if not buf:
+            if self.eof:
+                raise ResponseError("machine closed inside the body")
+            return NEED_DATA
+        chunk = self._take(remaining)
+        self.remaining = remaining - len(chunk)
+        return Data(chunk)
+
+    cdef bytes _take(self, long long most):
+        """Up to ``most`` bytes off the front of the buffer."""
+        cdef bytearray buf = self.buffer
+        cdef Py_ssize_t n = len(buf)
+        if n <= most:
+            chunk = bytes(buf)
+            del buf[:]
+        else:
+            chunk = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), <Py_ssize_t>most)
+            del buf[:most]
+        return chunk
+
+    cdef object _read_chunked(self):
+        cdef bytearray buf = self.buffer
+        cdef Py_ssize_t end
+        cdef long long size
+        while True:
+            if self.state == S_CHUNK_SIZE:
+                end = _find_crlf(<const unsigned char*>PyByteArray_AS_STRING(buf), len(buf), False)
+                if end < 0:
+                    if len(buf) > MAX_CHUNK_LINE:
+                        raise ResponseError("bad chunk size line from machine")
+                    return NEED_DATA
+                size = _chunk_size(<const unsigned char*>PyByteArray_AS_STRING(buf), end)
+                del buf[: end + 2]
+                if size == 0:
+                    self.state = S_TRAILERS
+                else:
+                    self.remaining = size
+                    self.state = S_CHUNK_DATA
+            elif self.state == S_CHUNK_DATA:
+                if not buf:
+                    return NEED_DATA
+                chunk = self._take(self.remaining)
+                self.remaining -= len(chunk)
+                if self.remaining == 0:
+                    self.state = S_CHUNK_CRLF
+                return Data(chunk)
+            elif self.state == S_CHUNK_CRLF:
+                if len(buf) < 2:
+                    return NEED_DATA
+                if buf[0] != 13 or buf[1] != 10:
+                    raise ResponseError("chunk not followed by CRLF")
+                del buf[:2]
+                self.state = S_CHUNK_SIZE
+            else:  # the trailer section: kept in ``trailers`` for the caller
+                if len(buf) >= 2 and buf[0] == 13 and buf[1] == 10:
+                    del buf[:2]
+                    self.state = S_DONE
+                    return END
+                end = _find_crlf(<const unsigned char*>PyByteArray_AS_STRING(buf), len(buf), True)
+                if end < 0:
+                    if len(buf) > MAX_TRAILERS:
+                        raise ResponseError("trailers too large")
+                    return NEED_DATA
+                if end + 4 > MAX_TRAILERS:
+                    raise ResponseError("trailers too large")
+                block = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), end)
+                del buf[: end + 4]
+                if b"\0" in block:
+                    raise ResponseError("NUL in trailers")
+                trailers = []
+                _field_section(<const unsigned char*>PyBytes_AS_STRING(block), 0, end, trailers,
+                               None, "trailer section")
+                self.trailers = trailers
+                self.state = S_DONE
+                return END
+
+
+cdef long long _content_length(list lengths) except -1:
+    """One Content-Length from the fields' values: every comma-separated item the
+    same 1-18 digits (RFC 9110 8.6), else ResponseError."""
+    cdef bytes value
+    if len(lengths) == 1 and b"," not in lengths[0]:
+        value = lengths[0].strip(b" \t")  # the usual one value
+    else:
+        values = {item.strip(b" \t") for v in lengths for item in v.split(b",")}
+        if len(values) != 1:
+            raise ResponseError("conflicting Content-Length from machine")
+        value = values.pop()
+    cdef Py_ssize_t i, n = len(value)
+    if n == 0 or n > 18:
+        raise ResponseError("bad Content-Length from machine")
+    cdef long long total = 0
+    for i in range(n):
+        if not 48 <= value[i] <= 57:
+            raise ResponseError("bad Content-Length from machine")
+        total = total * 10 + (value[i] - 48)
+    return total
+
+
+cdef long long _chunk_size(const unsigned char* b, Py_ssize_t n) except -1:
+    """``1*16HEXDIG [ BWS ] [ ";" ext ]`` (the line without CRLF): the size; the
+    extension may hold anything but CR and LF (it is dropped)."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned long long size = 0  # 16 hex digits fit; the bound below keeps it signed
+    cdef unsigned char c
+    while i < n and i < 17:
+        c = b[i]
+        if 48 <= c <= 57:
+            size = size * 16 + (c - 48)
+        elif 97 <= c <= 102:
+            size = size * 16 + (c - 87)
+        elif 65 <= c <= 70:
+            size = size * 16 + (c - 55)
+        else:
+            break
+        i += 1
+    if i == 0 or i > 16 or size > MAX_CHUNK_SIZE:
+        raise ResponseError("bad chunk size from machine")
+    while i < n and (b[i] == 32 or b[i] == 9):
+        i += 1
+    if i < n and b[i] != 59:  # ";"
+        raise ResponseError("bad chunk size from machine")
+    while i < n:
+        if b[i] == 13 or b[i] == 10:
+            raise ResponseError("bad chunk size from machine")
+        i += 1
+    return <long long>size

@@ -40,7 +40,7 @@ from edgeproxy.proxy.upstream import (
     UpstreamTimeout,
     splice,
 )
-from edgeproxy.routing import Backend
+from edgeproxy.routing import Backend, address_text
 
 # Response headers HTTP/2 forbids (RFC 9113 8.2.2), beyond the hop-by-hop set.
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -238,7 +238,7 @@ class BackhaulClient:
                 _request_headers(backend, request),
                 # A tunnel stays open for the client's bytes; otherwise no body, no DATA.
                 end_stream=request.body is None and not request.websocket,
-                informational=_from_h2_informational(request.informational),
+                informational=from_h2_informational(request.informational),
             )
         except StreamReset as exc:
             release()
@@ -286,7 +286,75 @@ class BackhaulClient:
         return UpstreamResponse(status, b"", headers, body, None, finish)
 
 
-def _from_h2_informational(
+    def open_now(
+        self, backend: Backend, app: str, headers: Headers,
+        informational: Callable[[Headers], None] | None,
+    ) -> tuple[H2Stream, Callable[[], None]] | None:
+        """A bodiless request's stream opened at once, with the function that gives
+        its place under the app's stream cap back; None when that needs waiting (no
+        connection yet, the app at its cap, the peer's stream limit reached) or the
+        connection is draining: the caller then takes the path that waits
+        (``exchange``)."""
+        if self._app_streams.get(app, 0) >= self.per_app_streams:
+            return None
+        link = self._links.get(address_text(backend.worker_address))
+        session = link.session if link is not None else None
+        if session is None or session.draining:
+            return None
+        try:
+            stream = session.open_stream_now(headers, True, informational)
+        except StreamReset:
+            return None
+        if stream is None:
+            return None
+        self._app_streams[app] = self._app_streams.get(app, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self._app_streams[app] - 1
+                if left:
+                    self._app_streams[app] = left
+                else:
+                    del self._app_streams[app]
+
+        return stream, release
+
+
+def request_fields(
+    backend: Backend, app: str, method: bytes, scheme: bytes, authority: bytes, target: bytes,
+    websocket: bool = False,
+) -> Headers:
+    """A backhaul stream's pseudo-headers and internal fields (the forwarded header
+    list follows them)."""
+    pseudo: Headers = [
+        (b":method", b"CONNECT" if websocket else method),
+        (b":scheme", scheme),
+        (b":authority", authority),
+        (b":path", target),
+    ]
+    if websocket:
+        pseudo.append((b":protocol", b"websocket"))
+    pseudo.append((h.TARGET, b"%s:%d" % (address_text(backend.address).encode(), backend.port)))
+    pseudo.append((h.APP, app.encode()))
+    return pseudo
+
+
+def response_fields(raw: Headers) -> tuple[int, Headers]:
+    """A backhaul response head as (status, fields without pseudo-headers)."""
+    status = 0
+    headers: Headers = []
+    for name, value in raw:
+        if name == b":status":
+            status = int(value)
+        elif not name.startswith(b":"):
+            headers.append((name, value))
+    return status, headers
+
+
+def from_h2_informational(
     informational: Informational | None,
 ) -> Callable[[Headers], None] | None:
     """The worker relays a machine's 1xx as an informational HEADERS frame; this turns
@@ -310,19 +378,9 @@ def _from_h2_informational(
 
 
 def _request_headers(backend: Backend, request: BackhaulRequest) -> Headers:
-    pseudo: Headers = [
-        (b":method", b"CONNECT" if request.websocket else request.method),
-        (b":scheme", request.scheme),
-        (b":authority", request.authority),
-        (b":path", request.target),
-    ]
-    if request.websocket:
-        pseudo.append((b":protocol", b"websocket"))
-    internal = [
-        (h.TARGET, f"{backend.address}:{backend.port}".encode()),
-        (h.APP, request.app.encode()),
-    ]
-    return pseudo + internal + request.headers
+    fields = request_fields(backend, request.app, request.method, request.scheme,
+                            request.authority, request.target, request.websocket)
+    return fields + request.headers
 
 
 async def _upload(stream: H2Stream, body: ReplayableBody | None) -> None:
@@ -363,14 +421,7 @@ async def _response_head(
         raw = stream.headers.result()
     except StreamReset as exc:
         raise UpstreamReset(str(exc)) from exc
-    status = 0
-    headers: Headers = []
-    for name, value in raw:
-        if name == b":status":
-            status = int(value)
-        elif not name.startswith(b":"):
-            headers.append((name, value))
-    return status, headers
+    return response_fields(raw)
 
 
 class _StreamBody:
@@ -464,9 +515,13 @@ def prepare_delivery(
     """The machine and the request it gets for a backhaul stream, after every check
     (the task path and the callback path, workerlane.py, share it); None when the
     stream was answered with an error already."""
-    raw = stream.headers.result()
-    pseudo = {n: v for n, v in raw if n.startswith(b":")}
-    fields = [(n, v) for n, v in raw if not n.startswith(b":")]
+    pseudo: dict[bytes, bytes] = {}
+    fields: Headers = []
+    for name, value in stream.headers.result():  # one pass: this runs per request
+        if name[:1] == b":":
+            pseudo[name] = value
+        else:
+            fields.append((name, value))
     target = h.header_value(fields, h.TARGET) or b""
     backend = _local_backend(ctx, target)
     if backend is None:
@@ -528,7 +583,7 @@ def _local_backend(ctx: WorkerContext, target: bytes) -> Backend | None:
     if not port.isdigit():
         return None
     backend = ctx.routes().machines_by_target.get((address, int(port)))
-    if backend is None or str(backend.worker_address) not in ctx.host_addresses:
+    if backend is None or address_text(backend.worker_address) not in ctx.host_addresses:
         return None
     return backend
 

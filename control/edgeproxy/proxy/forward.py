@@ -36,7 +36,7 @@ from edgeproxy.proxy.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
-from edgeproxy.routing import Backend, ServiceTable
+from edgeproxy.routing import Backend, ServiceTable, address_text
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -45,10 +45,12 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 class PriorAttempt:
     """An attempt the fast lane (proxy/fastlane.py) already made for a request it
     hands to the general path: the machine it went to, and the replay that machine
-    asked for (None: the attempt failed before a response head)."""
+    asked for (None: the attempt failed before a response head), and the request id
+    that attempt carried, which the request keeps (one id in every log it touched)."""
 
     machine_id: str
     replay: ReplayDirective | None = None
+    request_id: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +188,8 @@ class Forwarder:
     # -- the request path --------------------------------------------------------
     async def handle(self, request: ProxyRequest, leases: ConnectionLeases) -> ProxyResponse:
         started = time.monotonic()
-        request_id = h.new_request_id()
+        prior = request.prior
+        request_id = (prior.request_id if prior is not None else None) or h.new_request_id()
         table = self._routes().resolve(request.authority, request.local_address, request.local_port)
         app = table.app if table is not None else ""
         try:
@@ -414,19 +417,6 @@ class Forwarder:
 
         response.on_close.append(release)
         return response
-
-
-_ADDRESS_TEXT: dict[object, str] = {}
-
-
-def address_text(address: object) -> str:
-    """str() of an IP address, cached: ipaddress formats it anew on every call."""
-    text = _ADDRESS_TEXT.get(address)
-    if text is None:
-        if len(_ADDRESS_TEXT) > 65536:
-            _ADDRESS_TEXT.clear()
-        text = _ADDRESS_TEXT[address] = str(address)
-    return text
 
 
 def _informational_to_client(

@@ -155,6 +155,9 @@ class H2Stream:
         self.on_informational: Callable[[Headers], None] | None = None
         self.trailers = _NO_TRAILERS  # the peer's trailing HEADERS, once received
         self.watcher: StreamWatcher | None = None  # a callback consumer, if any
+        # Client side, a callback reader: called after the response head, each DATA
+        # and the end arrive (``headers``, ``read_ready`` and ``trailers`` hold them).
+        self.on_event: Callable[[], None] | None = None
 
     # -- reading -------------------------------------------------------------
     async def read(self) -> bytes:
@@ -429,6 +432,8 @@ class H2Session:
                         stream._readable.set()
                     if flag:
                         stream._on_remote_end()
+                    if stream.on_event is not None:
+                        _notify(stream.on_event)
             elif kind == ng.EV_REQUEST:
                 self._on_request(stream_id, value, flag)
             elif kind == ng.EV_HEADERS:
@@ -550,13 +555,25 @@ class H2Session:
         """Client side: start a request; waits while the peer's stream limit is reached.
         ``informational`` gets the response's interim (1xx) header blocks."""
         while True:
-            if self.draining:
-                raise StreamReset("connection draining")
-            # Our own map holds every stream we opened that is not yet closed both ways.
-            if len(self._streams) < self.engine.remote_max_streams():
-                break
+            stream = self.open_stream_now(headers, end_stream, informational)
+            if stream is not None:
+                return stream
             self._stream_slot.clear()
             await self._stream_slot.wait()
+
+    def open_stream_now(
+        self,
+        headers: Headers,
+        end_stream: bool,
+        informational: Callable[[Headers], None] | None = None,
+    ) -> H2Stream | None:
+        """``open_stream`` for callback callers: None while the peer's stream limit is
+        reached (they take the path that waits)."""
+        if self.draining:
+            raise StreamReset("connection draining")
+        # Our own map holds every stream we opened that is not yet closed both ways.
+        if len(self._streams) >= self.engine.remote_max_streams():
+            return None
         try:
             stream_id = self.engine.submit_request(headers, end_stream)
         except ng.Error as exc:
@@ -604,6 +621,8 @@ class H2Session:
             stream.headers.set_result(headers)
         if end:
             stream._on_remote_end()
+        if stream.on_event is not None:
+            _notify(stream.on_event)
 
     def _on_request(self, stream_id: int, headers: Headers, end: bool) -> None:
         stream = H2Stream(self, stream_id)
@@ -626,6 +645,13 @@ class H2Session:
         task = self._loop.create_task(self._on_stream(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _notify(on_event: Callable[[], None]) -> None:
+    try:
+        on_event()
+    except Exception:  # a consumer's bug must not end the shared connection
+        log.exception("stream event handler failed")
 
 
 def _code(value: int) -> ErrorCodes | int:

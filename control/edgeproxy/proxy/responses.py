@@ -16,8 +16,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from edgeproxy.proxy._http1 import (
+    MAX_CHUNK_LINE,
+    MAX_CHUNK_SIZE,
+    MAX_INFORMATIONAL,
+    MAX_TRAILERS,
+    NO_TRAILERS,
+    ResponseParser,
+    response_head,
+)
 from edgeproxy.proxy._http1 import MAX_RESPONSE_HEAD as MAX_HEAD
-from edgeproxy.proxy._http1 import response_head
 from edgeproxy.proxy.messages import (
     END,
     NEED_DATA,
@@ -28,13 +36,7 @@ from edgeproxy.proxy.messages import (
     ResponseHead,
 )
 
-MAX_CHUNK_LINE = 1024
-MAX_TRAILERS = 64 * 1024
-# Interim responses allowed before the final one: a machine must not be able to keep
-# a request (and the client) busy with 1xx forever. More is a bad response (502).
-MAX_INFORMATIONAL = 8
-# ``trailers`` when a response had none: shared, so the common case allocates nothing.
-NO_TRAILERS: Sequence[tuple[bytes, bytes]] = ()
+__all__ = ["NO_TRAILERS", "ResponseParser", "forwarded_informational"]
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?")
@@ -65,11 +67,14 @@ def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return tokens
 
 
-class ResponseParser:
+class ReferenceParser:
     """Feed bytes, take events: ResponseHead (1xx first, if any), Data*, END.
 
     ``start(method)`` before each request's response (the method decides whether a
     body follows). ``keep_alive`` tells whether the connection may carry another.
+    The readable specification of the compiled ``_http1.ResponseParser`` that
+    frames every response (exported here as ``ResponseParser``); tests hold the
+    two equal on generated response streams.
     """
 
     __slots__ = (
@@ -93,7 +98,7 @@ class ResponseParser:
         self.eof = False
         # The trailer fields of the last chunked body (names lower-case), once END
         # was returned; NO_TRAILERS otherwise.
-        self.trailers = NO_TRAILERS
+        self.trailers: Sequence[tuple[bytes, bytes]] = NO_TRAILERS
 
     def start(self, method: bytes) -> None:
         self._state = _HEAD
@@ -235,6 +240,8 @@ class ResponseParser:
                 if match is None:
                     raise ResponseError("bad chunk size from machine")
                 size = int(match.group(1), 16)
+                if size > MAX_CHUNK_SIZE:
+                    raise ResponseError("bad chunk size from machine")
                 del buf[: end + 2]
                 if size == 0:
                     self._state = _TRAILERS

@@ -25,6 +25,7 @@ import logging
 from time import perf_counter
 
 from edgeproxy.proxy import headers as h
+from edgeproxy.proxy._lane import UpstreamConnection
 from edgeproxy.proxy.backhaul import (
     WorkerContext,
     answer_error,
@@ -32,11 +33,12 @@ from edgeproxy.proxy.backhaul import (
     relay_informational,
     status_fields,
 )
-from edgeproxy.proxy.fastlane import FastLane, UpstreamConnection
+from edgeproxy.proxy.fastlane import FastLane
 from edgeproxy.proxy.h2session import H2Stream, Headers, StreamReset
 from edgeproxy.proxy.machines import MachineRequest, UnsendableRequest, serialize_head
 from edgeproxy.proxy.messages import END, NEED_DATA, Data, ResponseError, ResponseHead
 from edgeproxy.proxy.responses import ResponseParser, forwarded_informational
+from edgeproxy.routing import address_text
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,8 @@ class BackhaulLane:
         except UnsendableRequest:
             answer_error(stream, 502, b"connect")  # as MachinePool.exchange refuses it
             return True
-        exchange = StreamExchange(self, stream, request, (str(backend.address), backend.port),
-                                  backend.app, wire)
+        key = (address_text(backend.address), backend.port)
+        exchange = StreamExchange(self, stream, request, key, backend.app, wire)
         exchange.start()
         if clock:
             cpu.charge(backend.app, perf_counter() - clock)
