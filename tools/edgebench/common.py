@@ -259,14 +259,22 @@ def _descendants(pid: int) -> list[int]:
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds used so far by ``pids`` and every process below
     them (a multi-process proxy's workers count as the proxy's)."""
+    user, system = cpu_split(pids)
+    return user + system
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """``cpu_seconds`` as (user, system): the proxy's own code, and the kernel's
+    work on its behalf (system calls, and the TCP stack they run)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for pid in {q for p in pids for q in (p, *_descendants(p))}:
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{pid}/stat").read_text()
             fields = stat[stat.rindex(")") + 2:].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
+    return user / tick, system / tick
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

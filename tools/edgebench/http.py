@@ -26,7 +26,7 @@ from edgebench.common import (
     BenchError,
     Result,
     Row,
-    cpu_seconds,
+    cpu_split,
     relate,
     rss_kib,
     wait_for,
@@ -129,6 +129,15 @@ def _daemon(net: BenchNet, ns: str, name: str, role: str, host: str,
     return p
 
 
+def _per_request(vals: dict[tuple[str, str], list[float]], case: str,
+                 before: tuple[float, float], after: tuple[float, float], requests: int) -> None:
+    """CPU microseconds per request, total and user, between two ``cpu_split``s."""
+    user, system = after[0] - before[0], after[1] - before[1]
+    n = max(requests, 1)
+    vals.setdefault((case, "cpu-per-req"), []).append((user + system) * 1e6 / n)
+    vals.setdefault((case, "user-cpu-per-req"), []).append(user * 1e6 / n)
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -183,12 +192,10 @@ def measure(result: Result, runs: int, quick: bool) -> None:
                 for case, (url, host, post) in CASES.items():
                     hdr = (f"Host: {host}",) if host else ()
                     pids = cpu_pids[_proxy_of(case)]
-                    before = cpu_seconds(pids)
+                    before = cpu_split(pids)
                     w = load.wrk(net.client, url, secs, CONNS, net.dir, headers=hdr,
                                  post_bytes=post)
-                    used = cpu_seconds(pids) - before
-                    vals.setdefault((case, "cpu-per-req"), []).append(
-                        used * 1e6 / max(w.requests, 1))
+                    _per_request(vals, case, before, cpu_split(pids), w.requests)
                     vals.setdefault((case, "req-rate"), []).append(w.rate)
                     vals.setdefault((case, "p50"), []).append(w.p50_ms)
                     vals.setdefault((case, "p99"), []).append(w.p99_ms)
@@ -200,11 +207,9 @@ def measure(result: Result, runs: int, quick: bool) -> None:
                         ("edgeproxy-local-h2c", f"http://{HTTP_APP}/", "local.bench"),
                         ("nginx-local-h2c", f"http://{EDGE_HOST}:8083/", None)):
                     pids = cpu_pids[_proxy_of(case)]
-                    before = cpu_seconds(pids)
+                    before = cpu_split(pids)
                     h = load.h2load(net.client, url, secs, CONNS, 10, host)
-                    used = cpu_seconds(pids) - before
-                    vals.setdefault((case, "cpu-per-req"), []).append(
-                        used * 1e6 / max(h.requests, 1))
+                    _per_request(vals, case, before, cpu_split(pids), h.requests)
                     vals.setdefault((case, "req-rate"), []).append(h.rate)
                     errors[case] = errors.get(case, 0) + h.errors
                     print(f"[bench] http {case}: {h.rate:,.0f} req/s errors {h.errors}",
@@ -233,13 +238,12 @@ def measure(result: Result, runs: int, quick: bool) -> None:
             url, host, _ = CASES["edgeproxy-local"]
             load.wrk(net.client, url, 1, 4, net.dir, headers=(f"Host: {host}",))
             for _ in range(runs):
-                before = cpu_seconds([ed2.pid])
+                before = cpu_split([ed2.pid])
                 w = load.wrk(net.client, url, secs, CONNS, net.dir, headers=(f"Host: {host}",))
-                used = cpu_seconds([ed2.pid]) - before
                 vals.setdefault(("edgeproxy-local-2proc", "req-rate"), []).append(w.rate)
                 vals.setdefault(("edgeproxy-local-2proc", "p99"), []).append(w.p99_ms)
-                vals.setdefault(("edgeproxy-local-2proc", "cpu-per-req"), []).append(
-                    used * 1e6 / max(w.requests, 1))
+                _per_request(vals, "edgeproxy-local-2proc", before, cpu_split([ed2.pid]),
+                             w.requests)
                 errors["edgeproxy-local-2proc"] = (errors.get("edgeproxy-local-2proc", 0)
                                                    + w.errors)
                 print(f"[bench] http edgeproxy-local-2proc: {w.rate:,.0f} req/s "
@@ -250,7 +254,8 @@ def measure(result: Result, runs: int, quick: bool) -> None:
                 shutil.rmtree(pin, ignore_errors=True)
 
     units = {"req-rate": ("req/s", "higher"), "p50": ("ms", "lower"), "p99": ("ms", "lower"),
-             "transfer": ("MB/s", "higher"), "cpu-per-req": ("us", "lower")}
+             "transfer": ("MB/s", "higher"), "cpu-per-req": ("us", "lower"),
+             "user-cpu-per-req": ("us", "lower")}
     for (case, metric), vs in vals.items():
         unit, better = units[metric]
         result.rows.append(Row(case, metric, unit, vs, better=better,
@@ -278,6 +283,11 @@ def measure(result: Result, runs: int, quick: bool) -> None:
     relate(result.rows, "haproxy-local", "nginx-local", "transfer")
     relate(result.rows, "edgeproxy-local-2proc", "edgeproxy-local", "req-rate")
     relate(result.rows, "edgeproxy-local-2proc", "edgeproxy-local", "cpu-per-req")
+    for case, peer in (("edgeproxy-local", "nginx-local"), ("edgeproxy-backhaul", "nginx-remote"),
+                       ("edgeproxy-local-post", "nginx-local-post"),
+                       ("edgeproxy-local-h2c", "nginx-local-h2c"),
+                       ("python-floor", "nginx-local")):
+        relate(result.rows, case, peer, "user-cpu-per-req")
     for k, v in rss.items():
         result.rows.append(Row(k, "peak RSS", "MiB", [v["peak_mib"]], better="lower",
                                notes=f"idle {v['idle_mib']:.1f} MiB, "
@@ -292,7 +302,9 @@ def measure(result: Result, runs: int, quick: bool) -> None:
         "case runs one HTTP process per daemon, as nginx runs one worker.",
         "cpu-per-req: user + system CPU of the proxy's processes (and their children) "
         "from /proc/<pid>/stat across each wrk/h2load run, over the requests it "
-        "completed; the backhaul case sums the edge and the worker daemon.",
+        "completed; the backhaul case sums the edge and the worker daemon. "
+        "user-cpu-per-req: the user part alone (the proxy's own code; the rest is the "
+        "kernel's: system calls and the TCP stack they run).",
         "One worker process each: edgeproxy is one asyncio process (uvloop); nginx "
         "worker_processes 1; HAProxy nbthread 1. The edgeproxy worker daemon (backhaul "
         "side) is a second process, as an nginx/HAProxy remote case has none.",

@@ -753,7 +753,7 @@ cdef class ResponseParser:
         if state == S_UNTIL_CLOSE:
             if self.buffer:
                 chunk = bytes(self.buffer)
-                del self.buffer[:]
+                self.buffer.clear()
                 return Data(chunk)
             if self.eof:
                 self.state = S_DONE
@@ -843,7 +843,10 @@ cdef class ResponseParser:
         cdef Py_ssize_t n = len(buf)
         if n <= most:
             chunk = bytes(buf)
-            del buf[:]
+            # clear(), not del buf[:]: a deleted prefix only moves the bytearray's
+            # start, and the next feed then copies into a new block every time
+            # (a 100 MB body went 3.4x slower).
+            buf.clear()
         else:
             chunk = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), <Py_ssize_t>most)
             del buf[:most]

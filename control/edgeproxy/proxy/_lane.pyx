@@ -393,7 +393,7 @@ cdef class ClientConnection:
         buf = self.buffer
         if n < 0 or n >= len(buf):
             data = bytes(buf)
-            del buf[:]
+            buf.clear()
         else:
             data = bytes(buf[:n])
             del buf[:n]
