@@ -219,19 +219,7 @@ class BackhaulClient:
         # Per-app cap: one app cannot take every stream of a shared connection.
         if self._app_streams.get(app, 0) >= self.per_app_streams:
             raise ConnectFailed(f"app {app} at its backhaul stream cap")
-        self._app_streams[app] = self._app_streams.get(app, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                left = self._app_streams[app] - 1
-                if left:
-                    self._app_streams[app] = left
-                else:
-                    del self._app_streams[app]
-
+        release = self._take_stream(app)
         try:
             session = await self._link(str(backend.worker_address)).get()
             stream = await session.open_stream(
@@ -286,6 +274,24 @@ class BackhaulClient:
         return UpstreamResponse(status, b"", headers, body, None, finish)
 
 
+    def _take_stream(self, app: str) -> Callable[[], None]:
+        """Count one stream of ``app`` against its cap; the function gives it back
+        (once, however often it is called)."""
+        self._app_streams[app] = self._app_streams.get(app, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self._app_streams[app] - 1
+                if left:
+                    self._app_streams[app] = left
+                else:
+                    del self._app_streams[app]
+
+        return release
+
     def open_now(
         self, backend: Backend, app: str, headers: Headers,
         informational: Callable[[Headers], None] | None,
@@ -307,20 +313,7 @@ class BackhaulClient:
             return None
         if stream is None:
             return None
-        self._app_streams[app] = self._app_streams.get(app, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                left = self._app_streams[app] - 1
-                if left:
-                    self._app_streams[app] = left
-                else:
-                    del self._app_streams[app]
-
-        return stream, release
+        return stream, self._take_stream(app)
 
 
 def request_fields(
